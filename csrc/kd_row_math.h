@@ -1,0 +1,119 @@
+// Row math shared by the CPU and CUDA kernels: which terms a row takes part in, the per-row
+// scales of the two terms, the closing formulas of the soft and hard terms from a row's
+// softmax statistics, and a branch-free exp. Everything here is scalar and header-only so both
+// compilers inline it into their own loops.
+//
+// Notation for one row (see DESIGN.md section 1): z = teacher logits combined at temperature T
+// (geometric: sum_m w_m t_m / T), u = s / T, with maxima m_z, m_u and
+//   l_z = sum_j exp(z_j - m_z),  l_u = sum_j exp(u_j - m_u),  l_s = sum_j exp(s_j - m_s).
+// Then log p_j = (z_j - m_z) - log l_z and log q_j = (u_j - m_u) - log l_u, so with
+//   A = sum_j e_j * ((z_j - m_z) - (u_j - m_u)),  B = sum_j e_j * (u_j - m_u),  e_j = exp(z_j - m_z)
+// KL(p||q) = A / l_z - log l_z + log l_u  and  H(p, q) = -B / l_z + log l_u.
+// For the arithmetic ensemble e_j = p_j and (z_j - m_z) = log p_j, with l_z = sum p_j = 1.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "kd_args.h"
+
+#if defined(__CUDACC__)
+#define KD_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define KD_HOST_DEVICE inline
+#endif
+
+namespace kd {
+
+struct RowRole {
+  bool soft;  // row is in S: takes the soft term
+  bool hard;  // row is in H: takes the hard term against `label`
+  bool bad;   // label neither a class nor a marker: the row's loss is NaN
+};
+
+KD_HOST_DEVICE RowRole row_role(const KDArgs& a, int64_t label) {
+  if (a.labels == nullptr) return {true, false, false};
+  if (label == a.ignore_index) return {false, false, false};
+  if (a.has_unlabeled_index && label == a.unlabeled_index) return {true, false, false};
+  if (label >= 0 && label < a.num_classes) return {true, true, false};
+  return {true, true, true};
+}
+
+// Loss multipliers of the two terms for one row, and the matching gradient multipliers:
+// d(soft_i)/d(s_ij) = (q_ij - p_ij) / T and d(hard_i)/d(s_ij) = r_ij - [j == y_i].
+struct TermScales {
+  double soft_loss, hard_loss, soft_grad, hard_grad;
+};
+
+KD_HOST_DEVICE TermScales term_scales(const KDArgs& a, int64_t soft_rows, int64_t hard_rows) {
+  const double t = a.temperature;
+  double soft = a.soft_weight * (a.scale_soft_by_t2 ? t * t : 1.0);
+  double hard = a.hard_weight;
+  if (a.reduction == Reduction::kMean) {
+    soft /= static_cast<double>(soft_rows > 1 ? soft_rows : 1);
+    hard /= static_cast<double>(hard_rows > 1 ? hard_rows : 1);
+  }
+  return {soft, hard, soft / t, hard};
+}
+
+// e * x with 0 * anything = 0: a class the teacher gives probability 0 (a -inf logit)
+// contributes nothing even where x is infinite. A NaN e is kept, so NaN inputs stay NaN.
+template <typename Acc>
+KD_HOST_DEVICE Acc weighted_or_zero(Acc e, Acc x) {
+  return e == Acc(0) ? Acc(0) : e * x;
+}
+
+template <typename Acc>
+KD_HOST_DEVICE Acc soft_term(const KDArgs& a, Acc sum_ex, Acc l_z, Acc l_u) {
+  using std::log;
+  if (a.soft_loss == SoftLoss::kKL) return sum_ex / l_z - log(l_z) + log(l_u);
+  return -sum_ex / l_z + log(l_u);
+}
+
+// -log r_y = m_s + log l_s - s_y.
+template <typename Acc>
+KD_HOST_DEVICE Acc hard_term(Acc m_s, Acc l_s, Acc s_y) {
+  using std::log;
+  return (m_s - s_y) + log(l_s);
+}
+
+template <typename To, typename From>
+KD_HOST_DEVICE To bit_cast(From from) {
+  To to;
+  memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+// exp(x) for float in a form compilers vectorise: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite
+// split of ln2), e^r by a degree-6 Taylor polynomial (relative error < 2e-7), 2^n by building
+// the exponent bits. Results below 2^-126 flush to 0, so exp(-inf) = 0 exactly; NaN stays NaN.
+KD_HOST_DEVICE float fast_exp(float x) {
+  const float lo = -87.0f, hi = 88.0f;
+  float xc = x < lo ? lo : (x > hi ? hi : x);
+  // Round to nearest by adding and removing 1.5 * 2^23 (exact under the default rounding mode).
+  const float shifter = 12582912.0f;
+  float n = (xc * 1.44269504088896341f + shifter) - shifter;
+  float r = xc - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  float scale = bit_cast<float>(static_cast<int32_t>((static_cast<int32_t>(n) + 127) << 23));
+  float y = p * scale;
+  y = x < lo ? 0.0f : y;
+  y = x > hi ? std::numeric_limits<float>::infinity() : y;
+  return x != x ? x : y;
+}
+
+KD_HOST_DEVICE double fast_exp(double x) {
+  using std::exp;
+  return exp(x);
+}
+
+}  // namespace kd

@@ -1,0 +1,13 @@
+"""kdkernels: the fused knowledge-distillation loss of Hinton et al. (2015) for PyTorch."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .loss import DistillationLoss, backends, distillation_loss
+from .reference import kd_loss_reference
+
+try:
+    __version__ = version("kdkernels")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["DistillationLoss", "__version__", "backends", "distillation_loss", "kd_loss_reference"]

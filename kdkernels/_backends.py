@@ -1,0 +1,96 @@
+"""Backend selection, in one place. Each backend says why it cannot serve a problem (or None when
+it can); `select` picks the named one or, for "auto", the first that fits in order of speed, and
+when nothing fits the error lists every backend's reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+
+from ._validate import Problem
+
+MAX_TEACHERS = 64  # the kernels take teacher pointers in a fixed array (csrc/kd_args.h)
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str  # what it serves, or why it is unavailable here
+
+
+def load_extension() -> tuple[ModuleType | None, str]:
+    try:
+        from . import _C
+    except ImportError as exc:  # a source checkout that was never built, or a broken wheel
+        return None, f"the compiled extension kdkernels._C is missing ({exc}); install the wheel"
+    return _C, ""
+
+
+def _cpu(problem: Problem | None) -> str | None:
+    ext, why = load_extension()
+    if ext is None:
+        return why
+    if problem is None:
+        return None
+    if problem.student.device.type != "cpu":
+        return f"it serves CPU tensors; the inputs are on {problem.student.device}"
+    if len(problem.teachers) > MAX_TEACHERS:
+        return f"it takes at most {MAX_TEACHERS} teachers; got {len(problem.teachers)}"
+    return None
+
+
+def _cuda(problem: Problem | None) -> str | None:
+    ext, why = load_extension()
+    if ext is None:
+        return why
+    if not ext.build_info()["cuda"]:
+        return "not compiled: this build has no CUDA kernels (nvcc not found or KDKERNELS_CUDA=OFF)"
+    if not torch.cuda.is_available():
+        return "compiled, but no CUDA GPU is available here"
+    return "the CUDA kernels are not wired into this version"
+
+
+def _triton(problem: Problem | None) -> str | None:
+    return "no Triton kernels in this version of kdkernels"
+
+
+def _torch(problem: Problem | None) -> str | None:
+    return None
+
+
+_CHECKS: dict[str, Callable[[Problem | None], str | None]] = {
+    "cuda": _cuda,
+    "triton": _triton,
+    "cpu": _cpu,
+    "torch": _torch,
+}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Which backends this installation has, and for each missing one why."""
+    status = {}
+    for name, check in _CHECKS.items():
+        reason = check(None)
+        status[name] = BackendStatus(reason is None, reason or "available")
+    return status
+
+
+def select(name: str, problem: Problem) -> str:
+    if name != "auto":
+        reason = _CHECKS[name](problem)
+        if reason is not None:
+            raise ValueError(f"backend={name!r} cannot serve these inputs: {reason}")
+        return name
+    order = _AUTO_ORDER.get(problem.student.device.type, ("torch",))
+    reasons = {}
+    for candidate in order:
+        reason = _CHECKS[candidate](problem)
+        if reason is None:
+            return candidate
+        reasons[candidate] = reason
+    listed = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    raise ValueError(f"no kdkernels backend can serve these inputs ({listed})")

@@ -1,0 +1,121 @@
+"""The fused kernel as a torch.library custom op (namespace ``kdkernels``): the op, its fake
+implementation, then its autograd. The op returns per-row losses (already weighted and divided
+by the valid-row counts, so the loss is their sum) and the gradient of their sum, computed in
+the same pass; backward only scales that saved gradient by grad_output, in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._backends import load_extension
+from ._validate import ENSEMBLES, REDUCTIONS, SOFT_LOSSES, Problem
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def _loss_dtype(student: Tensor) -> torch.dtype:
+    return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("kdkernels::fused_kd", mutates_args=(), device_types="cpu")
+def fused_kd(
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    teacher_weights: list[float],
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    ensemble: str,
+    soft_loss: str,
+    scale_soft_by_t2: bool,
+    ignore_index: int,
+    unlabeled_index: int | None,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """Per-row losses [N] and, if compute_grad, d(sum of them)/d(student) [N, C] (else empty)."""
+    ext, why = load_extension()
+    if ext is None:
+        raise RuntimeError(why)
+    n, c = student.shape
+    row_loss = student.new_empty((n,), dtype=_loss_dtype(student))
+    grad = student.new_empty((n, c) if compute_grad else (0,))
+    args = ext.make_args(
+        student=student.data_ptr(),
+        student_row_stride=student.stride(0),
+        student_dtype=_DTYPE_CODES[student.dtype],
+        teachers=[t.data_ptr() for t in teachers],
+        teacher_row_strides=[t.stride(0) for t in teachers],
+        teacher_dtype=_DTYPE_CODES[teachers[0].dtype],
+        teacher_weights=teacher_weights,
+        labels=0 if labels is None else labels.data_ptr(),
+        ignore_index=ignore_index,
+        unlabeled_index=unlabeled_index,
+        num_rows=n,
+        num_classes=c,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+        scale_soft_by_t2=scale_soft_by_t2,
+        ensemble=ENSEMBLES.index(ensemble),
+        soft_loss=SOFT_LOSSES.index(soft_loss),
+        reduction=REDUCTIONS.index(reduction),
+        row_loss=row_loss.data_ptr(),
+        grad=grad.data_ptr() if compute_grad else 0,
+        num_threads=torch.get_num_threads(),
+    )
+    ext.forward_cpu(args)
+    return row_loss, grad
+
+
+@fused_kd.register_fake
+def _fused_kd_fake(student, teachers, labels, teacher_weights, temperature, soft_weight,
+                   hard_weight, ensemble, soft_loss, scale_soft_by_t2, ignore_index,
+                   unlabeled_index, reduction, compute_grad):
+    n, c = student.shape
+    row_loss = student.new_empty((n,), dtype=_loss_dtype(student))
+    return row_loss, student.new_empty((n, c) if compute_grad else (0,))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.num_teachers = len(inputs[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_row_loss: Tensor, _unused: Tensor):
+    if torch.is_grad_enabled():
+        raise RuntimeError("kdkernels: double backward (create_graph=True) is not supported")
+    (grad,) = ctx.saved_tensors
+    # In place: the saved gradient is ours alone. Autograd's version counter turns a second
+    # backward through the same graph (retain_graph=True) into an error instead of a wrong result.
+    grad.mul_(grad_row_loss.unsqueeze(1))
+    return (grad, [None] * ctx.num_teachers) + (None,) * 12
+
+
+fused_kd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_dtypes(problem: Problem) -> tuple[Tensor, list[Tensor]]:
+    """The kernels take float64 only all together, and one dtype for all teachers."""
+    student, teachers = problem.student, problem.teachers
+    if student.dtype == torch.float64 or any(t.dtype == torch.float64 for t in teachers):
+        return student.double(), [t.double() for t in teachers]
+    dtype = teachers[0].dtype
+    return student, [t if t.dtype == dtype else t.to(dtype) for t in teachers]
+
+
+def fused_row_losses(problem: Problem) -> Tensor:
+    """Run the fused op on a validated problem; returns the per-row losses [N]."""
+    student, teachers = _kernel_dtypes(problem)
+    o = problem.options
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    row_loss, _ = fused_kd(
+        student, teachers, problem.labels, problem.weights, o.temperature, o.soft_weight,
+        o.hard_weight, o.ensemble, o.soft_loss, o.scale_soft_by_t2, o.ignore_index,
+        o.unlabeled_index, o.reduction, compute_grad,
+    )
+    return row_loss

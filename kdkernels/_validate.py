@@ -1,0 +1,256 @@
+"""Validation of every argument of `distillation_loss`, before any kernel runs.
+
+`validate` turns the user's arguments into a `Problem`: 2-D [N, C] views whose last dimension is
+contiguous, the teachers as a list (never stacked), labels as int64, normalised weights, and the
+options. Every rejection names the argument and what was expected (TypeError for a wrong type,
+ValueError for a wrong value).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ENSEMBLES = ("geometric", "arithmetic")
+SOFT_LOSSES = ("kl", "cross_entropy")
+REDUCTIONS = ("mean", "sum", "none")
+BACKEND_NAMES = ("auto", "cpu", "cuda", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class Options:
+    temperature: float = 4.0
+    soft_weight: float = 0.9
+    hard_weight: float = 0.1
+    ensemble: str = "geometric"
+    soft_loss: str = "kl"
+    scale_soft_by_t2: bool = True
+    ignore_index: int = -100
+    unlabeled_index: int | None = None
+    reduction: str = "mean"
+
+
+@dataclass(frozen=True)
+class Problem:
+    student: Tensor  # [N, C], last dimension contiguous
+    teachers: list[Tensor]  # M tensors [N, C], last dimension contiguous
+    labels: Tensor | None  # [N] int64
+    weights: list[float]  # one per teacher, summing to 1 (zero-weight members dropped)
+    lead_shape: torch.Size  # the student's leading dimensions
+    options: Options
+
+
+_warned_teacher_grad = False
+
+
+def _number(name: str, value: object, *, positive: bool) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1 and not torch.compiler.is_compiling():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        expected = "finite and > 0" if positive else "finite and >= 0"
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value
+
+
+def _choice(name: str, value: object, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {list(allowed)}, got {type(value).__name__}")
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def _index(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def validate_options(
+    *,
+    temperature: object,
+    soft_weight: object,
+    hard_weight: object,
+    ensemble: object,
+    soft_loss: object,
+    scale_soft_by_t2: object,
+    ignore_index: object,
+    unlabeled_index: object,
+    reduction: object,
+) -> Options:
+    if not isinstance(scale_soft_by_t2, bool):
+        raise TypeError(f"scale_soft_by_t2 must be a bool, got {type(scale_soft_by_t2).__name__}")
+    ignore = _index("ignore_index", ignore_index)
+    unlabeled = None if unlabeled_index is None else _index("unlabeled_index", unlabeled_index)
+    if unlabeled is not None and unlabeled == ignore:
+        raise ValueError(
+            f"unlabeled_index ({unlabeled}) must differ from ignore_index ({ignore}): one marks "
+            "rows that take the soft term only, the other rows that take no term"
+        )
+    return Options(
+        temperature=_number("temperature", temperature, positive=True),
+        soft_weight=_number("soft_weight", soft_weight, positive=False),
+        hard_weight=_number("hard_weight", hard_weight, positive=False),
+        ensemble=_choice("ensemble", ensemble, ENSEMBLES),
+        soft_loss=_choice("soft_loss", soft_loss, SOFT_LOSSES),
+        scale_soft_by_t2=scale_soft_by_t2,
+        ignore_index=ignore,
+        unlabeled_index=unlabeled,
+        reduction=_choice("reduction", reduction, REDUCTIONS),
+    )
+
+
+def _logits(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {x.dtype}"
+        )
+    return x
+
+
+def _teacher_list(teacher_logits: object, student: Tensor) -> list[Tensor]:
+    shape = tuple(student.shape)
+    if isinstance(teacher_logits, Tensor):
+        t = _logits("teacher_logits", teacher_logits)
+        if tuple(t.shape) == shape:
+            return [t]
+        if t.dim() == student.dim() + 1 and tuple(t.shape[1:]) == shape:
+            if t.shape[0] == 0:
+                raise ValueError("teacher_logits is an empty ensemble (M = 0): pass at least one teacher")
+            return list(t.unbind(0))
+        _shape_error("teacher_logits", t, student)
+    if isinstance(teacher_logits, (list, tuple)):
+        if len(teacher_logits) == 0:
+            raise ValueError("teacher_logits is an empty ensemble: pass at least one teacher")
+        teachers = [_logits(f"teacher_logits[{m}]", t) for m, t in enumerate(teacher_logits)]
+        for m, t in enumerate(teachers):
+            if tuple(t.shape) != shape:
+                _shape_error(f"teacher_logits[{m}]", t, student)
+        return teachers
+    raise TypeError(
+        "teacher_logits must be a tensor (one teacher, or M stacked on a leading dimension) or a "
+        f"list of tensors, got {type(teacher_logits).__name__}"
+    )
+
+
+def _shape_error(name: str, t: Tensor, student: Tensor) -> None:
+    c, v = student.shape[-1], t.shape[-1]
+    if t.dim() >= 1 and v > c and t.shape[:-1] in (student.shape[:-1], (t.shape[0], *student.shape[:-1])):
+        raise ValueError(
+            f"{name} has a larger vocabulary ({v}) than the student ({c}); if the extra entries are "
+            f"padding, pass {name}[..., :{c}] (a view, no copy)"
+        )
+    raise ValueError(
+        f"{name} has shape {tuple(t.shape)}; expected the student's shape {tuple(student.shape)} "
+        f"or a stacked ensemble [M, {', '.join(map(str, student.shape))}]"
+    )
+
+
+def _weights(teacher_weights: object, m: int) -> list[float]:
+    if teacher_weights is None:
+        return [1.0 / m] * m
+    if isinstance(teacher_weights, Tensor):
+        if teacher_weights.dim() != 1:
+            raise ValueError(f"teacher_weights must be 1-D, got shape {tuple(teacher_weights.shape)}")
+        teacher_weights = teacher_weights.detach().cpu().tolist()
+    if not isinstance(teacher_weights, (list, tuple)):
+        raise TypeError(
+            f"teacher_weights must be None, a sequence of floats or a 1-D tensor, got "
+            f"{type(teacher_weights).__name__}"
+        )
+    if len(teacher_weights) != m:
+        raise ValueError(f"teacher_weights has {len(teacher_weights)} entries for {m} teachers")
+    weights = [_number(f"teacher_weights[{i}]", w, positive=False) for i, w in enumerate(teacher_weights)]
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("teacher_weights must not all be zero")
+    return [w / total for w in weights]
+
+
+def _labels(labels: object, student: Tensor, options: Options) -> Tensor | None:
+    if labels is None:
+        return None
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(student.shape[:-1]):
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)}; expected the student's leading shape "
+            f"{tuple(student.shape[:-1])}"
+        )
+    if labels.device != student.device:
+        raise ValueError(f"labels is on {labels.device} but student_logits is on {student.device}")
+    flat = labels.reshape(-1).to(torch.int64)
+    host_check = labels.device.type == "cpu" or os.environ.get("KDKERNELS_VALIDATE") == "1"
+    if host_check and not torch.compiler.is_compiling() and flat.numel() > 0:
+        c = student.shape[-1]
+        ok = (flat >= 0) & (flat < c) | (flat == options.ignore_index)
+        if options.unlabeled_index is not None:
+            ok |= flat == options.unlabeled_index
+        if not bool(ok.all()):
+            pos = int((~ok).nonzero()[0, 0])
+            marker = f"ignore_index ({options.ignore_index})"
+            if options.unlabeled_index is not None:
+                marker += f", unlabeled_index ({options.unlabeled_index})"
+            raise ValueError(
+                f"labels must be class indices in [0, {c}) or {marker}; found {int(flat[pos])} at "
+                f"flat position {pos}"
+            )
+    return flat
+
+
+def _rows(x: Tensor) -> Tensor:
+    """[..., C] -> [N, C] with a contiguous last dimension (a view whenever one exists)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
+
+
+def validate(
+    student_logits: object,
+    teacher_logits: object,
+    labels: object,
+    teacher_weights: object,
+    options: Options,
+) -> Problem:
+    global _warned_teacher_grad
+    student = _logits("student_logits", student_logits)
+    if student.dim() < 1:
+        raise ValueError("student_logits must have at least one dimension (classes last), got a scalar")
+    if student.shape[-1] < 1:
+        raise ValueError("student_logits has 0 classes in its last dimension; expected at least 1")
+    teachers = _teacher_list(teacher_logits, student)
+    for m, t in enumerate(teachers):
+        if t.device != student.device:
+            raise ValueError(
+                f"teacher_logits[{m}] is on {t.device} but student_logits is on {student.device}"
+            )
+    if any(t.requires_grad for t in teachers) and not _warned_teacher_grad:
+        _warned_teacher_grad = True
+        warnings.warn(
+            "teacher_logits requires grad; teachers are constants of the distillation loss and get "
+            "no gradient (detach them to silence this warning)",
+            stacklevel=3,
+        )
+    weights = _weights(teacher_weights, len(teachers))
+    members = [(w, t) for w, t in zip(weights, teachers, strict=True) if w > 0]
+    return Problem(
+        student=_rows(student),
+        teachers=[_rows(t.detach()) for _, t in members],
+        labels=_labels(labels, student, options),
+        weights=[w for w, _ in members],
+        lead_shape=student.shape[:-1],
+        options=options,
+    )
