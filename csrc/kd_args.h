@@ -24,7 +24,7 @@ struct KDArgs {
 
   const void* teachers[kMaxTeachers] = {};
   int64_t teacher_row_strides[kMaxTeachers] = {};
-  float teacher_weights[kMaxTeachers] = {};  // non-negative, sum to 1
+  double teacher_weights[kMaxTeachers] = {};  // non-negative, sum to 1
   int32_t num_teachers = 0;
   DType teacher_dtype = DType::kFloat32;
 

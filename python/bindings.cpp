@@ -48,7 +48,7 @@ kd::KDArgs make_args(uintptr_t student, int64_t student_row_stride, int student_
   for (size_t m = 0; m < teachers.size(); ++m) {
     a.teachers[m] = as_pointer<const void>(teachers[m]);
     a.teacher_row_strides[m] = teacher_row_strides[m];
-    a.teacher_weights[m] = static_cast<float>(teacher_weights[m]);
+    a.teacher_weights[m] = teacher_weights[m];
   }
   a.teacher_dtype = dtype_from_code(teacher_dtype, "teacher_dtype");
   a.labels = as_pointer<const int64_t>(labels);

@@ -1,0 +1,151 @@
+"""Every backend against the float64 reference on the DESIGN.md section 5 grid."""
+
+import pytest
+import torch
+
+import kdkernels as kd
+from kdkernels.testing import rel_error, sample_inputs, tolerance
+
+CASES = list(sample_inputs(seed=1))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = ["cpu", "torch"]
+
+
+def run_case(case, backend, dtype, device="cpu", seed=0):
+    """Loss and gradient of `backend` and of the float64 reference, with a random grad_output."""
+    student, teachers, labels = case.inputs(dtype, device)
+    student.requires_grad_(True)
+    out = kd.distillation_loss(student, teachers, labels, backend=backend, **case.kwargs)
+    ref_student = student.detach().double().requires_grad_(True)
+    ref = case.reference(ref_student, teachers, labels)
+    gen = torch.Generator().manual_seed(seed)
+    grad_out = (torch.rand(ref.shape, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    (out.double() * grad_out).sum().backward()
+    (ref * grad_out).sum().backward()
+    return out, ref, student.grad, ref_student.grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, dtype, case):
+    out, ref, grad, ref_grad = run_case(case, backend, dtype)
+    assert out.dtype == torch.float32
+    assert rel_error(out, ref) < tolerance(dtype)
+    assert grad.dtype == dtype
+    # A gradient stored in float16 can sit in its subnormal range (|g| < 6e-5, as with small
+    # weights over many rows), where storing even the exact value loses more than 1e-2: there
+    # the bound is twice the error of that rounding alone.
+    floor = 2 * rel_error(ref_grad.to(dtype), ref_grad)
+    assert rel_error(grad, ref_grad) < max(tolerance(dtype), floor)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_inputs_give_float64_loss(backend):
+    case = next(c for c in CASES if c.name == "opt-arithmetic-kl-mean-t21-mixed-M2")
+    out, ref, grad, ref_grad = run_case(case, backend, torch.float64)
+    assert out.dtype == torch.float64
+    assert rel_error(out, ref) < 1e-12 and rel_error(grad, ref_grad) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_gradient_is_rounded_to_nearest(dtype):
+    """The kernel rounds its float32 gradient to the student's dtype to nearest: it equals the
+    rounded float64 gradient almost everywhere (truncation would miss about half)."""
+    case = next(c for c in CASES if c.name == "shape-37x1000")
+    student, teachers, labels = case.inputs(dtype)
+    student.requires_grad_(True)
+    kd.distillation_loss(student, teachers, labels, backend="cpu", reduction="sum").backward()
+    ref_student = student.detach().double().requires_grad_(True)
+    kd.kd_loss_reference(ref_student, teachers.double(), labels, reduction="sum").backward()
+    same = (student.grad == ref_student.grad.to(dtype)).double().mean().item()
+    assert same > 0.97
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_student_and_teacher_dtypes(backend):
+    case = next(c for c in CASES if c.name == "opt-geometric-kl-mean-t21-plain-M2")
+    student, teachers, labels = case.inputs(torch.bfloat16)
+    t16, t32 = teachers[0].half(), teachers[1].float()
+    student.requires_grad_(True)
+    out = kd.distillation_loss(student, [t16, t32], labels, backend=backend, **case.kwargs)
+    ref = case.reference(student.detach(), [t16, t32], labels)
+    assert rel_error(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_infinite_student_logit_gives_inf(backend):
+    s = torch.randn(4, 10)
+    s[1, 3] = float("-inf")  # the teacher gives class 3 positive probability
+    loss = kd.distillation_loss(s, torch.randn(4, 10), reduction="none", backend=backend)
+    assert loss[1].item() == float("inf")
+    assert torch.isfinite(loss[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nan_propagates(backend, where):
+    s, t = torch.randn(4, 10), torch.randn(2, 4, 10)
+    (s if where == "student" else t[1])[2, 5] = float("nan")
+    loss = kd.distillation_loss(s, t, reduction="none", backend=backend)
+    assert loss[2].isnan() and not loss[[0, 1, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_student_without_grad_is_forward_only(backend):
+    case = CASES[4]
+    student, teachers, labels = case.inputs(torch.float32)
+    out = kd.distillation_loss(student, teachers, labels, backend=backend)
+    assert not out.requires_grad
+    assert rel_error(out, case.reference(student, teachers, labels)) < 1e-5
+
+
+def test_no_grad_mode_is_forward_only():
+    student = torch.randn(8, 16, requires_grad=True)
+    with torch.no_grad():
+        out = kd.distillation_loss(student, torch.randn(8, 16), backend="cpu")
+    assert not out.requires_grad
+
+
+def test_teacher_that_requires_grad_warns_and_gets_none():
+    import kdkernels._validate as v
+
+    v._warned_teacher_grad = False
+    student = torch.randn(8, 16, requires_grad=True)
+    teacher = torch.randn(8, 16, requires_grad=True)
+    with pytest.warns(UserWarning, match="teacher_logits requires grad"):
+        kd.distillation_loss(student, teacher, backend="cpu").backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+def test_second_backward_through_same_graph_raises():
+    """The saved gradient is scaled in place; a second backward must fail loudly, not be wrong."""
+    student = torch.randn(8, 16, requires_grad=True)
+    loss = kd.distillation_loss(student, torch.randn(8, 16), backend="cpu")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_module_matches_function():
+    student, teacher = torch.randn(6, 12), torch.randn(6, 12)
+    y = torch.randint(0, 12, (6,))
+    criterion = kd.DistillationLoss(temperature=2.0, hard_weight=0.5, backend="cpu")
+    assert "temperature=2.0" in repr(criterion)
+    expect = kd.distillation_loss(student, teacher, y, temperature=2.0, hard_weight=0.5)
+    assert torch.equal(criterion(student, teacher, y), expect)
+
+
+def test_auto_picks_cpu_for_cpu_tensors_and_falls_back_for_big_ensembles():
+    student = torch.randn(2, 8)
+    assert kd.backends()["cpu"].available
+    out_auto = kd.distillation_loss(student, torch.randn(2, 8))
+    out_cpu = kd.distillation_loss(student, torch.randn(2, 8).copy_(student), backend="cpu")
+    assert out_auto.shape == out_cpu.shape == ()
+    # 65 teachers exceed the kernels' pointer array: auto falls back to the reference.
+    many = torch.randn(65, 2, 8)
+    auto = kd.distillation_loss(student, many)
+    ref = kd.kd_loss_reference(student.double(), many.double())
+    assert rel_error(auto, ref) < 1e-5
+    with pytest.raises(ValueError, match="at most 64 teachers"):
+        kd.distillation_loss(student, many, backend="cpu")
