@@ -1,0 +1,147 @@
+"""Every bad input of DESIGN.md section 2 raises TypeError or ValueError naming the problem."""
+
+import math
+
+import pytest
+import torch
+
+import kdkernels as kd
+from kdkernels import _C
+
+N, C = 4, 10
+
+
+def good():
+    return dict(student_logits=torch.randn(N, C), teacher_logits=torch.randn(N, C),
+                labels=torch.randint(0, C, (N,)))
+
+
+BAD_INPUTS = [
+    # (what changes, exception, words the message must contain)
+    (dict(student_logits=torch.tensor(1.0)), ValueError, "at least one dimension"),
+    (dict(student_logits=torch.randn(N, 0), teacher_logits=torch.randn(N, 0)), ValueError, "0 classes"),
+    (dict(student_logits=torch.randint(0, 3, (N, C))), TypeError, "student_logits must be a floating"),
+    (dict(student_logits=[[1.0] * C] * N), TypeError, "student_logits must be a torch.Tensor"),
+    (dict(teacher_logits=torch.randint(0, 3, (N, C))), TypeError, "teacher_logits must be a floating"),
+    (dict(teacher_logits="logits"), TypeError, "teacher_logits must be a tensor"),
+    (dict(teacher_logits=torch.randn(N, C + 6)), ValueError, "teacher_logits[..., :10]"),
+    (dict(teacher_logits=torch.randn(3, N, C + 6)), ValueError, "larger vocabulary (16)"),
+    (dict(teacher_logits=torch.randn(N, C - 1)), ValueError, "expected the student's shape"),
+    (dict(teacher_logits=torch.randn(N + 1, C)), ValueError, "expected the student's shape"),
+    (dict(teacher_logits=[]), ValueError, "empty ensemble"),
+    (dict(teacher_logits=torch.randn(0, N, C)), ValueError, "empty ensemble"),
+    (dict(teacher_logits=[torch.randn(N, C), torch.randn(N, C + 1)]), ValueError, "teacher_logits[1]"),
+    (dict(teacher_logits=[torch.randn(N, C), torch.randn(N, C, dtype=torch.float64).long()]), TypeError,
+     "teacher_logits[1] must be a floating"),
+    (dict(teacher_logits=torch.randn(N, C, device="meta")), ValueError, "is on meta"),
+    (dict(labels=torch.randn(N)), TypeError, "labels must be an integer tensor"),
+    (dict(labels=torch.ones(N, dtype=torch.bool)), TypeError, "labels must be an integer tensor"),
+    (dict(labels=torch.zeros(N + 1, dtype=torch.long)), ValueError, "labels has shape (5,)"),
+    (dict(labels=torch.tensor([0, 1, C, 2])), ValueError, "found 10 at flat position 2"),
+    (dict(labels=torch.tensor([0, -5, 1, 2])), ValueError, "class indices in [0, 10)"),
+    (dict(labels=[0, 1, 2, 3]), TypeError, "labels must be a torch.Tensor"),
+    (dict(labels=torch.zeros(N, dtype=torch.long, device="meta")), ValueError, "labels is on meta"),
+    (dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),
+    (dict(temperature=-1.0), ValueError, "temperature must be finite and > 0"),
+    (dict(temperature=math.inf), ValueError, "temperature must be finite"),
+    (dict(temperature=math.nan), ValueError, "temperature must be finite"),
+    (dict(temperature="4"), TypeError, "temperature must be a real number"),
+    (dict(temperature=True), TypeError, "temperature must be a real number"),
+    (dict(soft_weight=-0.5), ValueError, "soft_weight must be finite and >= 0"),
+    (dict(hard_weight=math.nan), ValueError, "hard_weight must be finite"),
+    (dict(hard_weight=None), TypeError, "hard_weight must be a real number"),
+    (dict(teacher_logits=torch.randn(2, N, C), teacher_weights=[1.0, -1.0]), ValueError,
+     "teacher_weights[1] must be finite and >= 0"),
+    (dict(teacher_logits=torch.randn(2, N, C), teacher_weights=[1.0, math.inf]), ValueError,
+     "teacher_weights[1] must be finite"),
+    (dict(teacher_logits=torch.randn(2, N, C), teacher_weights=[0.0, 0.0]), ValueError, "all be zero"),
+    (dict(teacher_logits=torch.randn(2, N, C), teacher_weights=[1.0]), ValueError, "1 entries for 2 teachers"),
+    (dict(teacher_logits=torch.randn(2, N, C), teacher_weights=torch.ones(2, 1)), ValueError, "must be 1-D"),
+    (dict(teacher_logits=torch.randn(2, N, C), teacher_weights="uniform"), TypeError, "teacher_weights must be"),
+    (dict(ensemble="harmonic"), ValueError, "ensemble must be one of ['geometric', 'arithmetic']"),
+    (dict(soft_loss="jsd"), ValueError, "soft_loss must be one of"),
+    (dict(reduction="batchmean"), ValueError, "reduction must be one of ['mean', 'sum', 'none']"),
+    (dict(reduction=None), TypeError, "reduction must be a string"),
+    (dict(backend="tpu"), ValueError, "backend must be one of"),
+    (dict(backend="cuda"), ValueError, "backend='cuda' cannot serve these inputs"),
+    (dict(backend="triton"), ValueError, "backend='triton' cannot serve these inputs"),
+    (dict(scale_soft_by_t2="yes"), TypeError, "scale_soft_by_t2 must be a bool"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (dict(unlabeled_index=-100), ValueError, "unlabeled_index (-100) must differ from ignore_index"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "words"), BAD_INPUTS, ids=[b[2] for b in BAD_INPUTS])
+def test_bad_input_is_rejected_with_a_clear_message(change, error, words):
+    args = {**good(), **change}
+    with pytest.raises(error) as info:
+        kd.distillation_loss(**args)
+    assert words in str(info.value)
+
+
+def test_module_rejects_bad_options_at_construction():
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        kd.DistillationLoss(temperature=0)
+    with pytest.raises(TypeError, match="unknown options"):
+        kd.DistillationLoss(temprature=2.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_gives_zero_loss_and_zero_gradient(reduction):
+    student = torch.randn(0, C, requires_grad=True)
+    loss = kd.distillation_loss(student, torch.randn(0, C), torch.zeros(0, dtype=torch.long),
+                                reduction=reduction, backend="cpu")
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    assert not loss.isnan().any() and (loss == 0).all()
+    loss.sum().backward()
+    assert student.grad.shape == (0, C)
+
+
+def _raw_args(**change):
+    s, t = torch.randn(N, C), torch.randn(N, C)
+    row_loss = torch.empty(N)
+    args = dict(student=s.data_ptr(), student_row_stride=C, student_dtype=0, teachers=[t.data_ptr()],
+                teacher_row_strides=[C], teacher_dtype=0, teacher_weights=[1.0], labels=0,
+                ignore_index=-100, unlabeled_index=None, num_rows=N, num_classes=C, temperature=2.0,
+                soft_weight=0.9, hard_weight=0.1, scale_soft_by_t2=True, ensemble=0, soft_loss=0,
+                reduction=0, row_loss=row_loss.data_ptr(), grad=0, num_threads=1)
+    args.update(change)
+    return (s, t, row_loss), args
+
+
+RAW_BAD = [
+    (dict(student=0), "student pointer is null"),
+    (dict(teachers=[0]), "teacher pointer is null"),
+    (dict(row_loss=0), "row_loss pointer is null"),
+    (dict(student_row_stride=-1), "student row stride"),
+    (dict(teacher_row_strides=[2**62]), "teacher row stride"),
+    (dict(num_classes=0), "num_classes must be >= 1"),
+    (dict(num_rows=-1), "num_rows must be >= 0"),
+    (dict(num_rows=2**40, num_classes=2**30), "overflows"),
+    (dict(student_dtype=7), "unknown dtype code"),
+    (dict(student_dtype=3), "dtypes must be"),
+    (dict(teachers=[1] * 65, teacher_row_strides=[C] * 65, teacher_weights=[1 / 65] * 65), "[1, 64]"),
+    (dict(teacher_weights=[0.5]), "sum to 1"),
+    (dict(teacher_weights=[1.0, 0.0]), "differ in length"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(soft_weight=-1.0), "soft_weight"),
+    (dict(ensemble=5), "ensemble code"),
+    (dict(reduction=-1), "reduction code"),
+    (dict(num_threads=0), "num_threads"),
+]
+
+
+@pytest.mark.parametrize(("change", "words"), RAW_BAD, ids=[b[1] for b in RAW_BAD])
+def test_extension_boundary_refuses_unsafe_arguments(change, words):
+    """The C++ side trusts nothing: a bad struct is a ValueError, never a crash."""
+    _keep, args = _raw_args(**change)
+    with pytest.raises(ValueError, match=words.replace("[", r"\[")):
+        _C.make_args(**args)
+
+
+def test_extension_boundary_accepts_good_arguments():
+    (s, t, row_loss), args = _raw_args(reduction=1)  # sum
+    _C.forward_cpu(_C.make_args(**args))
+    ref = kd.kd_loss_reference(s.double(), [t.double()], temperature=2.0, reduction="sum")
+    assert abs(row_loss.sum().item() - ref.item()) < 1e-4 * abs(ref.item())
