@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._ops import allow_repeated_backward
 from .loss import DistillationLoss, backends, distillation_loss
 from .reference import kd_loss_reference
 
@@ -10,4 +11,11 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["DistillationLoss", "__version__", "backends", "distillation_loss", "kd_loss_reference"]
+__all__ = [
+    "DistillationLoss",
+    "__version__",
+    "allow_repeated_backward",
+    "backends",
+    "distillation_loss",
+    "kd_loss_reference",
+]

@@ -6,6 +6,9 @@ the same pass; backward only scales that saved gradient by grad_output, in place
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -72,12 +75,41 @@ def fused_kd(
 
 
 @fused_kd.register_fake
-def _fused_kd_fake(student, teachers, labels, teacher_weights, temperature, soft_weight,
-                   hard_weight, ensemble, soft_loss, scale_soft_by_t2, ignore_index,
-                   unlabeled_index, reduction, compute_grad):
+def _fused_kd_fake(
+    student,
+    teachers,
+    labels,
+    teacher_weights,
+    temperature,
+    soft_weight,
+    hard_weight,
+    ensemble,
+    soft_loss,
+    scale_soft_by_t2,
+    ignore_index,
+    unlabeled_index,
+    reduction,
+    compute_grad,
+):
     n, c = student.shape
     row_loss = student.new_empty((n,), dtype=_loss_dtype(student))
     return row_loss, student.new_empty((n, c) if compute_grad else (0,))
+
+
+_repeat_backward = False
+
+
+@contextlib.contextmanager
+def allow_repeated_backward() -> Iterator[None]:
+    """Backward passes run inside this context scale a copy of the saved gradient instead of
+    scaling it in place, so the same graph can be differentiated again (retain_graph=True,
+    torch.autograd.gradcheck, Jacobians) at the cost of one [N, C] buffer per backward."""
+    global _repeat_backward
+    previous, _repeat_backward = _repeat_backward, True
+    try:
+        yield
+    finally:
+        _repeat_backward = previous
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -90,9 +122,16 @@ def _backward(ctx, grad_row_loss: Tensor, _unused: Tensor):
     if torch.is_grad_enabled():
         raise RuntimeError("kdkernels: double backward (create_graph=True) is not supported")
     (grad,) = ctx.saved_tensors
-    # In place: the saved gradient is ours alone. Autograd's version counter turns a second
-    # backward through the same graph (retain_graph=True) into an error instead of a wrong result.
-    grad.mul_(grad_row_loss.unsqueeze(1))
+    scale = grad_row_loss.unsqueeze(1)
+    if type(grad) is torch.Tensor and not torch.compiler.is_compiling() and not _repeat_backward:
+        # Eager: in place, no new [N, C] buffer; the saved gradient is ours alone. Autograd's
+        # version counter turns a second backward through the same graph (retain_graph=True)
+        # into an error instead of a wrong result.
+        grad.mul_(scale)
+    else:
+        # Traced (torch.compile, AOT): the functional form; the compiler plans the buffers.
+        # Also under allow_repeated_backward(), which keeps the saved gradient intact.
+        grad = grad * scale
     return (grad, [None] * ctx.num_teachers) + (None,) * 12
 
 
@@ -114,8 +153,19 @@ def fused_row_losses(problem: Problem) -> Tensor:
     o = problem.options
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     row_loss, _ = fused_kd(
-        student, teachers, problem.labels, problem.weights, o.temperature, o.soft_weight,
-        o.hard_weight, o.ensemble, o.soft_loss, o.scale_soft_by_t2, o.ignore_index,
-        o.unlabeled_index, o.reduction, compute_grad,
+        student,
+        teachers,
+        problem.labels,
+        problem.weights,
+        o.temperature,
+        o.soft_weight,
+        o.hard_weight,
+        o.ensemble,
+        o.soft_loss,
+        o.scale_soft_by_t2,
+        o.ignore_index,
+        o.unlabeled_index,
+        o.reduction,
+        compute_grad,
     )
     return row_loss

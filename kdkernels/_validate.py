@@ -64,7 +64,9 @@ def _number(name: str, value: object, *, positive: bool) -> float:
 
 def _choice(name: str, value: object, allowed: Sequence[str]) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, one of {list(allowed)}, got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a string, one of {list(allowed)}, got {type(value).__name__}"
+        )
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
     return value
@@ -115,7 +117,8 @@ def _logits(name: str, x: object) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {x.dtype}"
+            f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), "
+            f"got {x.dtype}"
         )
     return x
 
@@ -128,7 +131,9 @@ def _teacher_list(teacher_logits: object, student: Tensor) -> list[Tensor]:
             return [t]
         if t.dim() == student.dim() + 1 and tuple(t.shape[1:]) == shape:
             if t.shape[0] == 0:
-                raise ValueError("teacher_logits is an empty ensemble (M = 0): pass at least one teacher")
+                raise ValueError(
+                    "teacher_logits is an empty ensemble (M = 0): pass at least one teacher"
+                )
             return list(t.unbind(0))
         _shape_error("teacher_logits", t, student)
     if isinstance(teacher_logits, (list, tuple)):
@@ -147,10 +152,14 @@ def _teacher_list(teacher_logits: object, student: Tensor) -> list[Tensor]:
 
 def _shape_error(name: str, t: Tensor, student: Tensor) -> None:
     c, v = student.shape[-1], t.shape[-1]
-    if t.dim() >= 1 and v > c and t.shape[:-1] in (student.shape[:-1], (t.shape[0], *student.shape[:-1])):
+    if (
+        t.dim() >= 1
+        and v > c
+        and t.shape[:-1] in (student.shape[:-1], (t.shape[0], *student.shape[:-1]))
+    ):
         raise ValueError(
-            f"{name} has a larger vocabulary ({v}) than the student ({c}); if the extra entries are "
-            f"padding, pass {name}[..., :{c}] (a view, no copy)"
+            f"{name} has a larger vocabulary ({v}) than the student ({c}); if the extra "
+            f"entries are padding, pass {name}[..., :{c}] (a view, no copy)"
         )
     raise ValueError(
         f"{name} has shape {tuple(t.shape)}; expected the student's shape {tuple(student.shape)} "
@@ -163,7 +172,9 @@ def _weights(teacher_weights: object, m: int) -> list[float]:
         return [1.0 / m] * m
     if isinstance(teacher_weights, Tensor):
         if teacher_weights.dim() != 1:
-            raise ValueError(f"teacher_weights must be 1-D, got shape {tuple(teacher_weights.shape)}")
+            raise ValueError(
+                f"teacher_weights must be 1-D, got shape {tuple(teacher_weights.shape)}"
+            )
         teacher_weights = teacher_weights.detach().cpu().tolist()
     if not isinstance(teacher_weights, (list, tuple)):
         raise TypeError(
@@ -172,7 +183,9 @@ def _weights(teacher_weights: object, m: int) -> list[float]:
         )
     if len(teacher_weights) != m:
         raise ValueError(f"teacher_weights has {len(teacher_weights)} entries for {m} teachers")
-    weights = [_number(f"teacher_weights[{i}]", w, positive=False) for i, w in enumerate(teacher_weights)]
+    weights = [
+        _number(f"teacher_weights[{i}]", w, positive=False) for i, w in enumerate(teacher_weights)
+    ]
     total = sum(weights)
     if total <= 0:
         raise ValueError("teacher_weights must not all be zero")
@@ -228,7 +241,9 @@ def validate(
     global _warned_teacher_grad
     student = _logits("student_logits", student_logits)
     if student.dim() < 1:
-        raise ValueError("student_logits must have at least one dimension (classes last), got a scalar")
+        raise ValueError(
+            "student_logits must have at least one dimension (classes last), got a scalar"
+        )
     if student.shape[-1] < 1:
         raise ValueError("student_logits has 0 classes in its last dimension; expected at least 1")
     teachers = _teacher_list(teacher_logits, student)

@@ -25,7 +25,10 @@ def info() -> int:
         print(f"extension {build['compiler']}; flags: {build['cxx_flags']}")
         print(f"          OpenMP: {'yes' if build['openmp'] else 'no'}")
         if build["cuda"]:
-            print(f"          CUDA {build['cuda_version']}, architectures {build['cuda_architectures']}")
+            print(
+                f"          CUDA {build['cuda_version']}, "
+                f"architectures {build['cuda_architectures']}"
+            )
         else:
             print("          CUDA: not compiled")
     print("backends:")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from . import _backends
@@ -116,7 +115,9 @@ class DistillationLoss(nn.Module):
         super().__init__()
         self.options = dict(options)
         # Check the options now rather than at the first batch; tensors are checked per call.
-        validate_options(**{**_OPTION_DEFAULTS, **{k: v for k, v in options.items() if k in _OPTION_DEFAULTS}})
+        validate_options(
+            **{**_OPTION_DEFAULTS, **{k: v for k, v in options.items() if k in _OPTION_DEFAULTS}}
+        )
         unknown = set(options) - set(_OPTION_DEFAULTS) - {"teacher_weights", "backend"}
         if unknown:
             raise TypeError(f"DistillationLoss got unknown options {sorted(unknown)}")
@@ -149,4 +150,3 @@ _OPTION_DEFAULTS: dict[str, object] = {
 def backends() -> dict[str, _backends.BackendStatus]:
     """Backends present here: ``{name: BackendStatus(available, reason)}``."""
     return _backends.backends()
-

@@ -49,7 +49,9 @@ def kd_loss_reference(
         t.dtype == torch.float64 for t in teachers
     )
     acc = torch.float64 if float64 else torch.float32
-    weights = [1.0] * len(teachers) if teacher_weights is None else [float(w) for w in teacher_weights]
+    weights = (
+        [1.0] * len(teachers) if teacher_weights is None else [float(w) for w in teacher_weights]
+    )
     total = sum(weights)
     members = [(w / total, t) for w, t in zip(weights, teachers, strict=True) if w > 0]
 

@@ -31,9 +31,17 @@ class Case:
 
         def cast(x: Tensor) -> Tensor:
             # Keep non-contiguous layouts: cast the storage-owning base, then take the same view.
-            return x.to(device=device, dtype=dtype, copy=True) if x.is_contiguous() else _restride(x, dtype, device)
+            return (
+                x.to(device=device, dtype=dtype, copy=True)
+                if x.is_contiguous()
+                else _restride(x, dtype, device)
+            )
 
-        teachers = [cast(t) for t in self.teachers] if isinstance(self.teachers, list) else cast(self.teachers)
+        teachers = (
+            [cast(t) for t in self.teachers]
+            if isinstance(self.teachers, list)
+            else cast(self.teachers)
+        )
         labels = None if self.labels is None else self.labels.to(device)
         return cast(self.student), teachers, labels
 
@@ -71,7 +79,18 @@ def _labels(gen: torch.Generator, n: int, c: int, mode: str) -> Tensor | None:
     return y
 
 
-SHAPES = [(1, 1), (1, 2), (3, 10), (37, 10), (257, 2), (3, 1000), (37, 1000), (3, 4097), (3, 32000), (257, 1000)]
+SHAPES = [
+    (1, 1),
+    (1, 2),
+    (3, 10),
+    (37, 10),
+    (257, 2),
+    (3, 1000),
+    (37, 1000),
+    (3, 4097),
+    (3, 32000),
+    (257, 1000),
+]
 OPTION_SHAPE = (37, 1000)
 
 
@@ -86,50 +105,101 @@ def sample_inputs(seed: int = 0, *, small: bool = False) -> Iterator[Case]:
 
     # Shapes with default options, one teacher and labels.
     for n, c in shapes:
-        yield Case(f"shape-{n}x{c}", _logits(gen, n, c), _logits(gen, 1, n, c), _labels(gen, n, c, "plain"))
+        yield Case(
+            f"shape-{n}x{c}", _logits(gen, n, c), _logits(gen, 1, n, c), _labels(gen, n, c, "plain")
+        )
 
     # Every option on one shape.
     for ens, soft, red, t2, mode, m in itertools.product(
-        ("geometric", "arithmetic"), ("kl", "cross_entropy"), ("mean", "sum", "none"),
-        (True, False), ("none", "plain", "mixed"), (1, 2, 5),
+        ("geometric", "arithmetic"),
+        ("kl", "cross_entropy"),
+        ("mean", "sum", "none"),
+        (True, False),
+        ("none", "plain", "mixed"),
+        (1, 2, 5),
     ):
-        kwargs = dict(ensemble=ens, soft_loss=soft, reduction=red, scale_soft_by_t2=t2,
-                      temperature=float(torch.empty(1).uniform_(0.5, 8.0, generator=gen)),
-                      soft_weight=0.7, hard_weight=0.3)
+        kwargs = dict(
+            ensemble=ens,
+            soft_loss=soft,
+            reduction=red,
+            scale_soft_by_t2=t2,
+            temperature=float(torch.empty(1).uniform_(0.5, 8.0, generator=gen)),
+            soft_weight=0.7,
+            hard_weight=0.3,
+        )
         if mode == "mixed":
             kwargs["unlabeled_index"] = -1
         if m > 1:
             kwargs["teacher_weights"] = torch.rand(m, generator=gen).add(0.1).tolist()
-        yield Case(f"opt-{ens}-{soft}-{red}-t2{int(t2)}-{mode}-M{m}", _logits(gen, n0, c0),
-                   _logits(gen, m, n0, c0), _labels(gen, n0, c0, mode), kwargs)
+        yield Case(
+            f"opt-{ens}-{soft}-{red}-t2{int(t2)}-{mode}-M{m}",
+            _logits(gen, n0, c0),
+            _logits(gen, m, n0, c0),
+            _labels(gen, n0, c0, mode),
+            kwargs,
+        )
 
     n, c = n0, c0
     for mode in ("all_ignored", "all_unlabeled"):
         for red in ("mean", "sum", "none"):
-            yield Case(f"{mode}-{red}", _logits(gen, n, c), _logits(gen, 2, n, c),
-                       _labels(gen, n, c, mode), dict(unlabeled_index=-1, reduction=red))
-    yield Case("empty-batch", _logits(gen, 0, c), _logits(gen, 1, 0, c), torch.zeros(0, dtype=torch.long))
-    yield Case("leading-dims", _logits(gen, 2, 3, 5, c), _logits(gen, 2, 2, 3, 5, c),
-               _labels(gen, 30, c, "mixed").reshape(2, 3, 5), dict(unlabeled_index=-1, reduction="none"))
-    yield Case("teacher-list", _logits(gen, n, c), list(_logits(gen, 3, n, c)), _labels(gen, n, c, "plain"),
-               dict(teacher_weights=[0.5, 0.0, 2.0]))
-    yield Case("ignore-index-is-a-class", _logits(gen, n, c), _logits(gen, 1, n, c),
-               _labels(gen, n, c, "plain"), dict(ignore_index=3))
+            yield Case(
+                f"{mode}-{red}",
+                _logits(gen, n, c),
+                _logits(gen, 2, n, c),
+                _labels(gen, n, c, mode),
+                dict(unlabeled_index=-1, reduction=red),
+            )
+    yield Case(
+        "empty-batch", _logits(gen, 0, c), _logits(gen, 1, 0, c), torch.zeros(0, dtype=torch.long)
+    )
+    yield Case(
+        "leading-dims",
+        _logits(gen, 2, 3, 5, c),
+        _logits(gen, 2, 2, 3, 5, c),
+        _labels(gen, 30, c, "mixed").reshape(2, 3, 5),
+        dict(unlabeled_index=-1, reduction="none"),
+    )
+    yield Case(
+        "teacher-list",
+        _logits(gen, n, c),
+        list(_logits(gen, 3, n, c)),
+        _labels(gen, n, c, "plain"),
+        dict(teacher_weights=[0.5, 0.0, 2.0]),
+    )
+    yield Case(
+        "ignore-index-is-a-class",
+        _logits(gen, n, c),
+        _logits(gen, 1, n, c),
+        _labels(gen, n, c, "plain"),
+        dict(ignore_index=3),
+    )
 
     # Extreme values: logits of +-1e4, -inf teacher entries (masked vocabulary).
     for ens in ("geometric", "arithmetic"):
         big = _logits(gen, n, c).sign() * 1e4
-        yield Case(f"extreme-1e4-{ens}", big, _logits(gen, 2, n, c).sign() * 1e4,
-                   _labels(gen, n, c, "plain"), dict(ensemble=ens))
+        yield Case(
+            f"extreme-1e4-{ens}",
+            big,
+            _logits(gen, 2, n, c).sign() * 1e4,
+            _labels(gen, n, c, "plain"),
+            dict(ensemble=ens),
+        )
         masked = _logits(gen, 2, n, c)
-        masked[..., c // 2:] = float("-inf")
-        yield Case(f"teacher-neg-inf-{ens}", _logits(gen, n, c), masked, _labels(gen, n, c, "plain"),
-                   dict(ensemble=ens))
+        masked[..., c // 2 :] = float("-inf")
+        yield Case(
+            f"teacher-neg-inf-{ens}",
+            _logits(gen, n, c),
+            masked,
+            _labels(gen, n, c, "plain"),
+            dict(ensemble=ens),
+        )
 
     # Non-unit row strides: views into wider buffers (a teacher with a padded vocabulary).
     wide_s = _logits(gen, n, c + 7)[:, :c]
     wide_t = _logits(gen, 2, n, c + 64)[..., :c]
-    yield Case("row-strides", wide_s, wide_t, _labels(gen, n, c, "plain"), dict(ensemble="geometric"))
+    yield Case(
+        "row-strides", wide_s, wide_t, _labels(gen, n, c, "plain"), dict(ensemble="geometric")
+    )
 
 
 def rel_error(out: Tensor, ref: Tensor) -> float:

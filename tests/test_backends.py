@@ -127,6 +127,15 @@ def test_second_backward_through_same_graph_raises():
         loss.backward()
 
 
+def test_allow_repeated_backward_keeps_the_saved_gradient():
+    student = torch.randn(8, 16, requires_grad=True)
+    loss = kd.distillation_loss(student, torch.randn(8, 16), backend="cpu")
+    with kd.allow_repeated_backward():
+        (g1,) = torch.autograd.grad(loss, student, retain_graph=True)
+        (g2,) = torch.autograd.grad(loss * 3, student)
+    torch.testing.assert_close(g2, 3 * g1)
+
+
 def test_module_matches_function():
     student, teacher = torch.randn(6, 12), torch.randn(6, 12)
     y = torch.randint(0, 12, (6,))

@@ -12,17 +12,32 @@ N, C = 4, 10
 
 
 def good():
-    return dict(student_logits=torch.randn(N, C), teacher_logits=torch.randn(N, C),
-                labels=torch.randint(0, C, (N,)))
+    return dict(
+        student_logits=torch.randn(N, C),
+        teacher_logits=torch.randn(N, C),
+        labels=torch.randint(0, C, (N,)),
+    )
 
 
 BAD_INPUTS = [
     # (what changes, exception, words the message must contain)
     (dict(student_logits=torch.tensor(1.0)), ValueError, "at least one dimension"),
-    (dict(student_logits=torch.randn(N, 0), teacher_logits=torch.randn(N, 0)), ValueError, "0 classes"),
-    (dict(student_logits=torch.randint(0, 3, (N, C))), TypeError, "student_logits must be a floating"),
+    (
+        dict(student_logits=torch.randn(N, 0), teacher_logits=torch.randn(N, 0)),
+        ValueError,
+        "0 classes",
+    ),
+    (
+        dict(student_logits=torch.randint(0, 3, (N, C))),
+        TypeError,
+        "student_logits must be a floating",
+    ),
     (dict(student_logits=[[1.0] * C] * N), TypeError, "student_logits must be a torch.Tensor"),
-    (dict(teacher_logits=torch.randint(0, 3, (N, C))), TypeError, "teacher_logits must be a floating"),
+    (
+        dict(teacher_logits=torch.randint(0, 3, (N, C))),
+        TypeError,
+        "teacher_logits must be a floating",
+    ),
     (dict(teacher_logits="logits"), TypeError, "teacher_logits must be a tensor"),
     (dict(teacher_logits=torch.randn(N, C + 6)), ValueError, "teacher_logits[..., :10]"),
     (dict(teacher_logits=torch.randn(3, N, C + 6)), ValueError, "larger vocabulary (16)"),
@@ -30,9 +45,16 @@ BAD_INPUTS = [
     (dict(teacher_logits=torch.randn(N + 1, C)), ValueError, "expected the student's shape"),
     (dict(teacher_logits=[]), ValueError, "empty ensemble"),
     (dict(teacher_logits=torch.randn(0, N, C)), ValueError, "empty ensemble"),
-    (dict(teacher_logits=[torch.randn(N, C), torch.randn(N, C + 1)]), ValueError, "teacher_logits[1]"),
-    (dict(teacher_logits=[torch.randn(N, C), torch.randn(N, C, dtype=torch.float64).long()]), TypeError,
-     "teacher_logits[1] must be a floating"),
+    (
+        dict(teacher_logits=[torch.randn(N, C), torch.randn(N, C + 1)]),
+        ValueError,
+        "teacher_logits[1]",
+    ),
+    (
+        dict(teacher_logits=[torch.randn(N, C), torch.randn(N, C, dtype=torch.float64).long()]),
+        TypeError,
+        "teacher_logits[1] must be a floating",
+    ),
     (dict(teacher_logits=torch.randn(N, C, device="meta")), ValueError, "is on meta"),
     (dict(labels=torch.randn(N)), TypeError, "labels must be an integer tensor"),
     (dict(labels=torch.ones(N, dtype=torch.bool)), TypeError, "labels must be an integer tensor"),
@@ -50,14 +72,36 @@ BAD_INPUTS = [
     (dict(soft_weight=-0.5), ValueError, "soft_weight must be finite and >= 0"),
     (dict(hard_weight=math.nan), ValueError, "hard_weight must be finite"),
     (dict(hard_weight=None), TypeError, "hard_weight must be a real number"),
-    (dict(teacher_logits=torch.randn(2, N, C), teacher_weights=[1.0, -1.0]), ValueError,
-     "teacher_weights[1] must be finite and >= 0"),
-    (dict(teacher_logits=torch.randn(2, N, C), teacher_weights=[1.0, math.inf]), ValueError,
-     "teacher_weights[1] must be finite"),
-    (dict(teacher_logits=torch.randn(2, N, C), teacher_weights=[0.0, 0.0]), ValueError, "all be zero"),
-    (dict(teacher_logits=torch.randn(2, N, C), teacher_weights=[1.0]), ValueError, "1 entries for 2 teachers"),
-    (dict(teacher_logits=torch.randn(2, N, C), teacher_weights=torch.ones(2, 1)), ValueError, "must be 1-D"),
-    (dict(teacher_logits=torch.randn(2, N, C), teacher_weights="uniform"), TypeError, "teacher_weights must be"),
+    (
+        dict(teacher_logits=torch.randn(2, N, C), teacher_weights=[1.0, -1.0]),
+        ValueError,
+        "teacher_weights[1] must be finite and >= 0",
+    ),
+    (
+        dict(teacher_logits=torch.randn(2, N, C), teacher_weights=[1.0, math.inf]),
+        ValueError,
+        "teacher_weights[1] must be finite",
+    ),
+    (
+        dict(teacher_logits=torch.randn(2, N, C), teacher_weights=[0.0, 0.0]),
+        ValueError,
+        "all be zero",
+    ),
+    (
+        dict(teacher_logits=torch.randn(2, N, C), teacher_weights=[1.0]),
+        ValueError,
+        "1 entries for 2 teachers",
+    ),
+    (
+        dict(teacher_logits=torch.randn(2, N, C), teacher_weights=torch.ones(2, 1)),
+        ValueError,
+        "must be 1-D",
+    ),
+    (
+        dict(teacher_logits=torch.randn(2, N, C), teacher_weights="uniform"),
+        TypeError,
+        "teacher_weights must be",
+    ),
     (dict(ensemble="harmonic"), ValueError, "ensemble must be one of ['geometric', 'arithmetic']"),
     (dict(soft_loss="jsd"), ValueError, "soft_loss must be one of"),
     (dict(reduction="batchmean"), ValueError, "reduction must be one of ['mean', 'sum', 'none']"),
@@ -67,7 +111,11 @@ BAD_INPUTS = [
     (dict(backend="triton"), ValueError, "backend='triton' cannot serve these inputs"),
     (dict(scale_soft_by_t2="yes"), TypeError, "scale_soft_by_t2 must be a bool"),
     (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
-    (dict(unlabeled_index=-100), ValueError, "unlabeled_index (-100) must differ from ignore_index"),
+    (
+        dict(unlabeled_index=-100),
+        ValueError,
+        "unlabeled_index (-100) must differ from ignore_index",
+    ),
 ]
 
 
@@ -89,8 +137,13 @@ def test_module_rejects_bad_options_at_construction():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_empty_batch_gives_zero_loss_and_zero_gradient(reduction):
     student = torch.randn(0, C, requires_grad=True)
-    loss = kd.distillation_loss(student, torch.randn(0, C), torch.zeros(0, dtype=torch.long),
-                                reduction=reduction, backend="cpu")
+    loss = kd.distillation_loss(
+        student,
+        torch.randn(0, C),
+        torch.zeros(0, dtype=torch.long),
+        reduction=reduction,
+        backend="cpu",
+    )
     assert loss.shape == ((0,) if reduction == "none" else ())
     assert not loss.isnan().any() and (loss == 0).all()
     loss.sum().backward()
@@ -100,11 +153,30 @@ def test_empty_batch_gives_zero_loss_and_zero_gradient(reduction):
 def _raw_args(**change):
     s, t = torch.randn(N, C), torch.randn(N, C)
     row_loss = torch.empty(N)
-    args = dict(student=s.data_ptr(), student_row_stride=C, student_dtype=0, teachers=[t.data_ptr()],
-                teacher_row_strides=[C], teacher_dtype=0, teacher_weights=[1.0], labels=0,
-                ignore_index=-100, unlabeled_index=None, num_rows=N, num_classes=C, temperature=2.0,
-                soft_weight=0.9, hard_weight=0.1, scale_soft_by_t2=True, ensemble=0, soft_loss=0,
-                reduction=0, row_loss=row_loss.data_ptr(), grad=0, num_threads=1)
+    args = dict(
+        student=s.data_ptr(),
+        student_row_stride=C,
+        student_dtype=0,
+        teachers=[t.data_ptr()],
+        teacher_row_strides=[C],
+        teacher_dtype=0,
+        teacher_weights=[1.0],
+        labels=0,
+        ignore_index=-100,
+        unlabeled_index=None,
+        num_rows=N,
+        num_classes=C,
+        temperature=2.0,
+        soft_weight=0.9,
+        hard_weight=0.1,
+        scale_soft_by_t2=True,
+        ensemble=0,
+        soft_loss=0,
+        reduction=0,
+        row_loss=row_loss.data_ptr(),
+        grad=0,
+        num_threads=1,
+    )
     args.update(change)
     return (s, t, row_loss), args
 
@@ -120,7 +192,10 @@ RAW_BAD = [
     (dict(num_rows=2**40, num_classes=2**30), "overflows"),
     (dict(student_dtype=7), "unknown dtype code"),
     (dict(student_dtype=3), "dtypes must be"),
-    (dict(teachers=[1] * 65, teacher_row_strides=[C] * 65, teacher_weights=[1 / 65] * 65), "[1, 64]"),
+    (
+        dict(teachers=[1] * 65, teacher_row_strides=[C] * 65, teacher_weights=[1 / 65] * 65),
+        "[1, 64]",
+    ),
     (dict(teacher_weights=[0.5]), "sum to 1"),
     (dict(teacher_weights=[1.0, 0.0]), "differ in length"),
     (dict(temperature=0.0), "temperature"),

@@ -1,0 +1,117 @@
+"""The custom op under PyTorch's own checkers: opcheck, gradcheck, torch.compile(fullgraph)."""
+
+import pytest
+import torch
+from torch import nn
+
+import kdkernels as kd
+from kdkernels._ops import _kernel_dtypes, fused_kd
+from kdkernels._validate import Options, validate
+from kdkernels.testing import sample_inputs
+
+OPCHECK_CASES = [
+    c
+    for c in sample_inputs(seed=2, small=True)
+    if c.name
+    in (
+        "shape-37x10",
+        "opt-arithmetic-cross_entropy-none-t20-mixed-M2",
+        "opt-geometric-kl-mean-t21-plain-M5",
+        "row-strides",
+        "empty-batch",
+    )
+]
+
+
+def op_args(case, dtype, requires_grad):
+    student, teachers, labels = case.inputs(dtype)
+    student.requires_grad_(requires_grad)
+    problem = validate(
+        student,
+        teachers,
+        labels,
+        case.kwargs.get("teacher_weights"),
+        Options(**{k: v for k, v in case.kwargs.items() if k != "teacher_weights"}),
+    )
+    s, ts = _kernel_dtypes(problem)
+    o = problem.options
+    return (
+        s,
+        ts,
+        problem.labels,
+        problem.weights,
+        o.temperature,
+        o.soft_weight,
+        o.hard_weight,
+        o.ensemble,
+        o.soft_loss,
+        o.scale_soft_by_t2,
+        o.ignore_index,
+        o.unlabeled_index,
+        o.reduction,
+        requires_grad,
+    )
+
+
+def test_opcheck_cases_were_found():
+    assert len(OPCHECK_CASES) == 5
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck(case, dtype, requires_grad):
+    torch.library.opcheck(fused_kd, op_args(case, dtype, requires_grad))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ensemble", ["geometric", "arithmetic"])
+def test_gradcheck_float64(reduction, ensemble):
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randn(5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    teachers = torch.randn(2, 5, 7, dtype=torch.float64, generator=gen)
+    labels = torch.tensor([0, 6, -100, 3, -1])
+    row_weights = torch.rand(5, dtype=torch.float64, generator=gen)
+
+    def loss(s):
+        out = kd.distillation_loss(
+            s,
+            teachers,
+            labels,
+            temperature=2.5,
+            ensemble=ensemble,
+            unlabeled_index=-1,
+            reduction=reduction,
+            backend="cpu",
+        )
+        return (out * row_weights).sum() if reduction == "none" else out
+
+    # gradcheck differentiates one graph several times: keep the saved gradient intact.
+    with kd.allow_repeated_backward():
+        assert torch.autograd.gradcheck(loss, (student,), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_compiled_training_step_matches_eager():
+    """torch.compile(fullgraph=True) over a model's forward and the loss, backward through it."""
+    torch.manual_seed(0)
+    n, d, c = 32, 16, 50
+    x, teacher = torch.randn(n, d), torch.randn(3, n, c)
+    labels = torch.randint(0, c, (n,))
+    labels[:4] = -100
+    eager_model = nn.Sequential(nn.Linear(d, 64), nn.ReLU(), nn.Linear(64, c))
+    compiled_model = nn.Sequential(nn.Linear(d, 64), nn.ReLU(), nn.Linear(64, c))
+    compiled_model.load_state_dict(eager_model.state_dict())
+
+    def step(model, x, teacher, labels):
+        return kd.distillation_loss(
+            model(x), teacher, labels, temperature=3.0, backend="cpu", ensemble="arithmetic"
+        )
+
+    compiled = torch.compile(step, fullgraph=True)
+    for model, fn in ((eager_model, step), (compiled_model, compiled)):
+        fn(model, x, teacher, labels).backward()
+    eager_loss = step(eager_model, x, teacher, labels)
+    compiled_loss = compiled(compiled_model, x, teacher, labels)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for pe, pc in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-5, atol=1e-7)
