@@ -62,7 +62,8 @@ KD_HOST_DEVICE TermScales term_scales(const KDArgs& a, int64_t soft_rows, int64_
 // contributes nothing even where x is infinite. A NaN e is kept, so NaN inputs stay NaN.
 template <typename Acc>
 KD_HOST_DEVICE Acc weighted_or_zero(Acc e, Acc x) {
-  return e == Acc(0) ? Acc(0) : e * x;
+  const Acc product = e * x;  // computed unconditionally: the select stays branch-free
+  return e == Acc(0) ? Acc(0) : product;
 }
 
 template <typename Acc>

@@ -116,23 +116,39 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])
     ctx.num_teachers = len(inputs[1])
     ctx.mark_non_differentiable(output[1])
+    # The gradient output never receives a gradient; without this autograd would materialise
+    # an [N, C] zero tensor for it in every backward.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_row_loss: Tensor, _unused: Tensor):
+def _is_broadcast_one(grad_row_loss: Tensor) -> bool:
+    """grad_output of a mean/sum loss called with .backward(): one value 1.0 broadcast to [N].
+    Reading it is free on the CPU (no device sync), and it saves a pass over the gradient."""
+    if grad_row_loss.numel() == 0 or grad_row_loss.stride(0) != 0:
+        return False
+    return float(grad_row_loss[0]) == 1.0
+
+
+def _backward(ctx, grad_row_loss: Tensor | None, _unused: Tensor | None):
     if torch.is_grad_enabled():
         raise RuntimeError("kdkernels: double backward (create_graph=True) is not supported")
     (grad,) = ctx.saved_tensors
+    no_grads = [None] * ctx.num_teachers
+    if grad_row_loss is None:  # the loss itself received no gradient
+        return (None, no_grads) + (None,) * 12
     scale = grad_row_loss.unsqueeze(1)
-    if type(grad) is torch.Tensor and not torch.compiler.is_compiling() and not _repeat_backward:
-        # Eager: in place, no new [N, C] buffer; the saved gradient is ours alone. Autograd's
-        # version counter turns a second backward through the same graph (retain_graph=True)
-        # into an error instead of a wrong result.
-        grad.mul_(scale)
-    else:
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling() or _repeat_backward:
         # Traced (torch.compile, AOT): the functional form; the compiler plans the buffers.
-        # Also under allow_repeated_backward(), which keeps the saved gradient intact.
-        grad = grad * scale
-    return (grad, [None] * ctx.num_teachers) + (None,) * 12
+        # Under allow_repeated_backward() too, which keeps the saved gradient intact.
+        return (grad * scale, no_grads) + (None,) * 12
+    # Eager: the saved gradient is ours alone, so scale it in place (no new [N, C] buffer), or
+    # not at all for loss.backward() on a CPU mean/sum. Either way its version moves on, so a
+    # second backward through this graph (retain_graph=True) raises instead of being wrong.
+    if grad.device.type == "cpu" and _is_broadcast_one(grad_row_loss):
+        torch.autograd.graph.increment_version(grad)
+    else:
+        grad.mul_(scale)
+    return (grad, no_grads) + (None,) * 12
 
 
 fused_kd.register_autograd(_backward, setup_context=_setup_context)

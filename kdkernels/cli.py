@@ -23,6 +23,7 @@ def info() -> int:
     else:
         build = ext.build_info()
         print(f"extension {build['compiler']}; flags: {build['cxx_flags']}")
+        print(f"          CPU kernels: {build['cpu_isas_built']} (running: {build['cpu_isa']})")
         print(f"          OpenMP: {'yes' if build['openmp'] else 'no'}")
         if build["cuda"]:
             print(

@@ -6,12 +6,16 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "kd_args.h"
+#include "kd_cpu.h"
 
 namespace py = pybind11;
 
@@ -71,8 +75,32 @@ kd::KDArgs make_args(uintptr_t student, int64_t student_row_stride, int student_
   return a;
 }
 
+// The gradient is a fresh [N, C] buffer the kernel writes once; faulting it in 4 KiB pages costs
+// as much as the kernel itself at LLM sizes. Asking for transparent huge pages on its 2 MiB
+// aligned interior (a hint: refused or unsupported is harmless) cuts that cost several times.
+void advise_huge_pages(void* data, uint64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (start + nbytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)nbytes;
+#endif
+}
+
+uint64_t dtype_size(kd::DType d) {
+  return d == kd::DType::kFloat64 ? 8 : d == kd::DType::kFloat32 ? 4 : 2;
+}
+
 void forward_cpu(const kd::KDArgs& a) {
   py::gil_scoped_release release;
+  if (a.grad != nullptr) {
+    advise_huge_pages(a.grad, static_cast<uint64_t>(a.num_rows) * static_cast<uint64_t>(a.num_classes) *
+                                  dtype_size(a.student_dtype));
+  }
   kd::kd_forward_cpu(a);
 }
 
@@ -80,6 +108,8 @@ py::dict build_info() {
   py::dict info;
   info["compiler"] = KDKERNELS_COMPILER;
   info["cxx_flags"] = KDKERNELS_CXX_FLAGS;
+  info["cpu_isas_built"] = KDKERNELS_CPU_ISAS;
+  info["cpu_isa"] = kd::cpu_isa();
 #ifdef _OPENMP
   info["openmp"] = true;
 #else

@@ -1,0 +1,341 @@
+// The fused distillation loss on the CPU: one call computes every row's weighted loss and, when
+// asked, the student's gradient. A row is read from memory once: pass 1 converts it into a
+// per-thread float buffer (student s, combined teacher z) and takes the maxima; pass 2 computes
+// the three exponentials per element (teacher, student at T, student at 1) and the sums; pass 3
+// writes the gradient from the buffered exponentials. The buffers are C floats each and stay in
+// cache, so the only [N, C] memory touched is the inputs and the gradient.
+//
+// This file is compiled once per instruction set (baseline, AVX2, AVX-512 on x86-64), each into
+// its own namespace kd::<isa>; kd_cpu.cpp picks one at run time.
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kd_args.h"
+#include "kd_dtype.h"
+#include "kd_cpu.h"
+#include "kd_row_math.h"
+
+#ifndef KD_CPU_ISA
+#error "compile this file once per instruction set, with -DKD_CPU_ISA=<namespace>"
+#endif
+
+namespace kd {
+namespace KD_CPU_ISA {
+namespace {
+
+// Buffers of one thread: four rows of C accumulator values.
+template <typename Acc>
+struct RowBuffers {
+  Acc* s;  // student logits, then exp(s - m_s)
+  Acc* z;  // combined teacher logits (or log p), then exp(z - m_z)
+  Acc* u;  // exp(s / T - m_u)
+  Acc* t;  // scratch for one teacher of an arithmetic ensemble
+};
+
+// Row loops run in blocks of kLanes elements with one accumulator per lane: the inner loop is a
+// plain vector loop (no reduction across lanes), so it vectorises at any width without letting
+// the compiler reassociate floating-point sums; the lanes are combined once per row.
+constexpr int64_t kLanes = 16;
+
+template <typename Body>
+inline void for_lanes(int64_t n, Body&& body) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int64_t k = 0; k < kLanes; ++k) body(j + k, k);
+  }
+  for (int64_t k = 0; j < n; ++j, ++k) body(j, k);
+}
+
+template <typename Acc>
+Acc lane_sum(const Acc (&lanes)[kLanes]) {
+  Acc total = 0;
+  for (Acc v : lanes) total += v;
+  return total;
+}
+
+template <typename Acc>
+Acc lane_max(const Acc (&lanes)[kLanes]) {
+  Acc m = lanes[0];
+  for (Acc v : lanes) m = v > m ? v : m;
+  return m;
+}
+
+template <typename Acc>
+struct Lanes {
+  Acc v[kLanes];
+  explicit Lanes(Acc init) {
+    for (Acc& x : v) x = init;
+  }
+};
+
+template <typename Acc, typename In>
+Acc load_scaled_max(const In* __restrict__ src, Acc* __restrict__ dst, int64_t n, Acc scale) {
+  Lanes<Acc> m(-std::numeric_limits<Acc>::infinity());
+  for_lanes(n, [&](int64_t j, int64_t k) {
+    const Acc v = static_cast<Acc>(to_float(src[j])) * scale;
+    dst[j] = v;
+    m.v[k] = v > m.v[k] ? v : m.v[k];  // a NaN never becomes the max; it reaches the sums via exp
+  });
+  return lane_max(m.v);
+}
+
+template <typename Acc>
+Acc row_max(const Acc* __restrict__ x, int64_t n) {
+  Lanes<Acc> m(-std::numeric_limits<Acc>::infinity());
+  for_lanes(n, [&](int64_t j, int64_t k) { m.v[k] = x[j] > m.v[k] ? x[j] : m.v[k]; });
+  return lane_max(m.v);
+}
+
+// Geometric ensemble: z_j = sum_m (w_m / T) t_mj. Returns max_j z_j.
+template <typename Tt, typename Acc>
+Acc combine_geometric(const KDArgs& a, int64_t row, Acc inv_t, const RowBuffers<Acc>& b) {
+  const int64_t C = a.num_classes;
+  int32_t active[kMaxTeachers];  // a zero-weight member is not part of the ensemble
+  int32_t count = 0;
+  for (int32_t m = 0; m < a.num_teachers; ++m) {
+    if (a.teacher_weights[m] > 0.0) active[count++] = m;
+  }
+  auto row_of = [&](int32_t m) {
+    return static_cast<const Tt*>(a.teachers[m]) + row * a.teacher_row_strides[m];
+  };
+  auto coeff = [&](int32_t m) { return static_cast<Acc>(a.teacher_weights[m]) * inv_t; };
+  // The first member initialises z (and, alone, gives its max); later members accumulate, the
+  // last one taking the max in the same pass.
+  if (count == 1) return load_scaled_max(row_of(active[0]), b.z, C, coeff(active[0]));
+  {
+    const Tt* __restrict__ t = row_of(active[0]);
+    const Acc c = coeff(active[0]);
+    for (int64_t j = 0; j < C; ++j) b.z[j] = c * static_cast<Acc>(to_float(t[j]));
+  }
+  for (int32_t i = 1; i + 1 < count; ++i) {
+    const Tt* __restrict__ t = row_of(active[i]);
+    const Acc c = coeff(active[i]);
+    for (int64_t j = 0; j < C; ++j) b.z[j] += c * static_cast<Acc>(to_float(t[j]));
+  }
+  const Tt* __restrict__ t = row_of(active[count - 1]);
+  const Acc c = coeff(active[count - 1]);
+  Lanes<Acc> m(-std::numeric_limits<Acc>::infinity());
+  for_lanes(C, [&](int64_t j, int64_t k) {
+    const Acc v = b.z[j] + c * static_cast<Acc>(to_float(t[j]));
+    b.z[j] = v;
+    m.v[k] = v > m.v[k] ? v : m.v[k];
+  });
+  return lane_max(m.v);
+}
+
+// Arithmetic ensemble: z_j = log sum_m w_m softmax(t_m / T)_j. Returns max_j z_j.
+template <typename Tt, typename Acc>
+Acc combine_arithmetic(const KDArgs& a, int64_t row, Acc inv_t, const RowBuffers<Acc>& b) {
+  const int64_t C = a.num_classes;
+  bool first = true;
+  for (int32_t m = 0; m < a.num_teachers; ++m) {
+    const Acc w = static_cast<Acc>(a.teacher_weights[m]);
+    if (w == Acc(0)) continue;
+    const Tt* t = static_cast<const Tt*>(a.teachers[m]) + row * a.teacher_row_strides[m];
+    const Acc mt = load_scaled_max(t, b.t, C, inv_t);
+    Lanes<Acc> l(0);
+    for_lanes(C, [&](int64_t j, int64_t k) {
+      b.t[j] = fast_exp(b.t[j] - mt);
+      l.v[k] += b.t[j];
+    });
+    const Acc c = w / lane_sum(l.v);
+    if (first) {
+      for (int64_t j = 0; j < C; ++j) b.z[j] = c * b.t[j];
+      first = false;
+    } else {
+      for (int64_t j = 0; j < C; ++j) b.z[j] += c * b.t[j];
+    }
+  }
+  for (int64_t j = 0; j < C; ++j) b.z[j] = std::log(b.z[j]);
+  return row_max(b.z, C);
+}
+
+template <typename Out, typename Acc>
+void fill_row(Out* dst, int64_t n, Acc v) {
+  const Out o = from_acc<Out>(v);
+  std::fill(dst, dst + n, o);
+}
+
+template <typename Acc>
+struct RowSums {
+  Acc l_z = 1, l_u = 1, l_s = 1, sum_ex = 0;
+};
+
+// Pass 2 over the buffered row: the exponentials and their sums. kSoft/kHard select the terms,
+// kKeep stores the exponentials for the gradient pass; each combination is its own branch-free
+// loop, so the compiler vectorises it.
+template <bool kSoft, bool kHard, bool kKeep, bool kKL, typename Acc>
+RowSums<Acc> exp_pass(const RowBuffers<Acc>& b, int64_t C, Acc m_z, Acc m_s, Acc inv_t) {
+  Acc* __restrict__ s = b.s;
+  Acc* __restrict__ z = b.z;
+  Acc* __restrict__ u = b.u;
+  Lanes<Acc> l_z(0), l_u(0), l_s(0), sum_ex(0);
+  for_lanes(C, [&](int64_t j, int64_t k) {
+    const Acc ds = s[j] - m_s;
+    if constexpr (kSoft) {
+      const Acc dz = z[j] - m_z;
+      const Acc du = ds * inv_t;
+      const Acc e_z = fast_exp(dz);
+      const Acc e_u = fast_exp(du);
+      l_z.v[k] += e_z;
+      l_u.v[k] += e_u;
+      sum_ex.v[k] += weighted_or_zero(e_z, kKL ? dz - du : du);
+      if constexpr (kKeep) {
+        z[j] = e_z;
+        u[j] = e_u;
+      }
+    }
+    if constexpr (kHard) {
+      const Acc e_s = fast_exp(ds);
+      l_s.v[k] += e_s;
+      if constexpr (kKeep) s[j] = e_s;
+    }
+  });
+  RowSums<Acc> r;
+  if (kSoft) r.l_z = lane_sum(l_z.v), r.l_u = lane_sum(l_u.v), r.sum_ex = lane_sum(sum_ex.v);
+  if (kHard) r.l_s = lane_sum(l_s.v);
+  return r;
+}
+
+template <bool kSoft, bool kHard, typename Acc>
+RowSums<Acc> exp_pass(const KDArgs& a, bool keep, const RowBuffers<Acc>& b, Acc m_z, Acc m_s,
+                      Acc inv_t) {
+  const int64_t C = a.num_classes;
+  const bool kl = a.soft_loss == SoftLoss::kKL;
+  if (keep) {
+    return kl ? exp_pass<kSoft, kHard, true, true>(b, C, m_z, m_s, inv_t)
+              : exp_pass<kSoft, kHard, true, false>(b, C, m_z, m_s, inv_t);
+  }
+  return kl ? exp_pass<kSoft, kHard, false, true>(b, C, m_z, m_s, inv_t)
+            : exp_pass<kSoft, kHard, false, false>(b, C, m_z, m_s, inv_t);
+}
+
+// Pass 3: g_j = q_scale e_u - p_scale e_z + r_scale e_s - [j == y] ch, stored in the student's
+// dtype. The one-hot is subtracted after the loop, from the same float value, so the store is
+// rounded once.
+template <bool kSoft, bool kHard, typename S, typename Acc>
+void grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc p_scale, Acc r_scale,
+               S* __restrict__ grad) {
+  const Acc* __restrict__ s = b.s;
+  const Acc* __restrict__ z = b.z;
+  const Acc* __restrict__ u = b.u;
+#pragma omp simd
+  for (int64_t j = 0; j < C; ++j) {
+    Acc g = 0;
+    if constexpr (kSoft) g = q_scale * u[j] - p_scale * z[j];
+    if constexpr (kHard) g += r_scale * s[j];
+    grad[j] = from_acc<S>(g);
+  }
+}
+
+template <typename S, typename Tt, typename Acc>
+void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffers<Acc>& b) {
+  using Loss = std::conditional_t<std::is_same_v<Acc, double>, double, float>;
+  const int64_t C = a.num_classes;
+  const int64_t label = a.labels ? a.labels[i] : 0;
+  const RowRole role = row_role(a, label);
+  Loss* loss = static_cast<Loss*>(a.row_loss) + i;
+  S* grad = a.grad ? static_cast<S*>(a.grad) + i * C : nullptr;
+  if (role.bad || (!role.soft && !role.hard)) {
+    const Acc v = role.bad ? std::numeric_limits<Acc>::quiet_NaN() : Acc(0);
+    *loss = static_cast<Loss>(v);
+    if (grad) fill_row(grad, C, v);
+    return;
+  }
+
+  const S* s = static_cast<const S*>(a.student) + i * a.student_row_stride;
+  const Acc inv_t = Acc(1) / static_cast<Acc>(a.temperature);
+  const Acc m_s = load_scaled_max(s, b.s, C, Acc(1));
+  const Acc s_y = role.hard ? b.s[label] : Acc(0);
+  const bool keep = grad != nullptr;
+
+  RowSums<Acc> r;
+  if (role.soft) {
+    const Acc m_z = a.ensemble == Ensemble::kGeometric ? combine_geometric<Tt>(a, i, inv_t, b)
+                                                       : combine_arithmetic<Tt>(a, i, inv_t, b);
+    r = role.hard ? exp_pass<true, true>(a, keep, b, m_z, m_s, inv_t)
+                  : exp_pass<true, false>(a, keep, b, m_z, m_s, inv_t);
+  } else {
+    r = exp_pass<false, true>(a, keep, b, Acc(0), m_s, inv_t);
+  }
+
+  Acc value = 0;
+  if (role.soft) value += static_cast<Acc>(scales.soft_loss) * soft_term(a, r.sum_ex, r.l_z, r.l_u);
+  if (role.hard) value += static_cast<Acc>(scales.hard_loss) * hard_term(m_s, r.l_s, s_y);
+  *loss = static_cast<Loss>(value);
+  if (!grad) return;
+
+  const Acc cs = static_cast<Acc>(scales.soft_grad), ch = static_cast<Acc>(scales.hard_grad);
+  const Acc q_scale = cs / r.l_u, p_scale = cs / r.l_z, r_scale = ch / r.l_s;
+  if (role.soft && role.hard) {
+    grad_pass<true, true>(b, C, q_scale, p_scale, r_scale, grad);
+  } else if (role.soft) {
+    grad_pass<true, false>(b, C, q_scale, p_scale, r_scale, grad);
+  } else {
+    grad_pass<false, true>(b, C, q_scale, p_scale, r_scale, grad);
+  }
+  if (role.hard) {
+    Acc g = r_scale * b.s[label] - ch;
+    if (role.soft) g += q_scale * b.u[label] - p_scale * b.z[label];
+    grad[label] = from_acc<S>(g);
+  }
+}
+
+template <typename S, typename Tt, typename Acc>
+void run(const KDArgs& a) {
+  const int64_t N = a.num_rows, C = a.num_classes;
+  int64_t soft_rows = 0, hard_rows = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const RowRole role = row_role(a, a.labels ? a.labels[i] : 0);
+    soft_rows += role.soft;
+    hard_rows += role.hard;
+  }
+  const TermScales scales = term_scales(a, soft_rows, hard_rows);
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N)));
+  std::vector<Acc> workspace(static_cast<size_t>(threads) * 4 * static_cast<size_t>(C));
+
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    const int64_t tid = omp_get_thread_num();
+#else
+    const int64_t tid = 0;
+#endif
+    Acc* w = workspace.data() + tid * 4 * C;
+    const RowBuffers<Acc> b{w, w + C, w + 2 * C, w + 3 * C};
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < N; ++i) kd_row<S, Tt, Acc>(a, i, scales, b);
+  }
+}
+
+template <typename S>
+void dispatch_teacher(const KDArgs& a) {
+  switch (a.teacher_dtype) {
+    case DType::kFloat32: return run<S, float, float>(a);
+    case DType::kFloat16: return run<S, Half, float>(a);
+    case DType::kBFloat16: return run<S, BFloat16, float>(a);
+    case DType::kFloat64: break;  // rejected by check_args
+  }
+}
+
+}  // namespace
+
+void forward(const KDArgs& a) {
+  if (a.num_rows == 0) return;
+  switch (a.student_dtype) {
+    case DType::kFloat32: return dispatch_teacher<float>(a);
+    case DType::kFloat16: return dispatch_teacher<Half>(a);
+    case DType::kBFloat16: return dispatch_teacher<BFloat16>(a);
+    case DType::kFloat64: return run<double, double, double>(a);
+  }
+}
+
+}  // namespace KD_CPU_ISA
+}  // namespace kd
