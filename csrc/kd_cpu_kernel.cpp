@@ -38,15 +38,33 @@ struct RowBuffers {
   Acc* t;  // scratch for one teacher of an arithmetic ensemble
 };
 
+// Pass 2 computes from cache and leaves memory idle; it prefetches the thread's next row of
+// every input into L2 meanwhile, so that pass 1 of that row no longer waits on DRAM.
+struct NextRow {
+  const char* rows[kMaxTeachers + 1];
+  int64_t elem_bytes[kMaxTeachers + 1];
+  int count = 0;
+
+  void operator()(int64_t j) const {
+    for (int r = 0; r < count; ++r) __builtin_prefetch(rows[r] + j * elem_bytes[r], 0, 2);
+  }
+};
+
 // Row loops run in blocks of kLanes elements with one accumulator per lane: the inner loop is a
 // plain vector loop (no reduction across lanes), so it vectorises at any width without letting
 // the compiler reassociate floating-point sums; the lanes are combined once per row.
 constexpr int64_t kLanes = 16;
 
-template <typename Body>
-inline void for_lanes(int64_t n, Body&& body) {
+struct NoHook {
+  void operator()(int64_t) const {}
+};
+
+// body(j, lane) for j in [0, n); block_hook(j) before each block of kLanes elements.
+template <typename Body, typename Hook = NoHook>
+inline void for_lanes(int64_t n, Body&& body, Hook&& block_hook = {}) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
+    block_hook(j);
 #pragma omp simd
     for (int64_t k = 0; k < kLanes; ++k) body(j + k, k);
   }
@@ -169,21 +187,24 @@ struct RowSums {
 };
 
 // Pass 2 over the buffered row: the exponentials and their sums. kSoft/kHard select the terms,
-// kKeep stores the exponentials for the gradient pass; each combination is its own branch-free
-// loop, so the compiler vectorises it.
-template <bool kSoft, bool kHard, bool kKeep, bool kKL, typename Acc>
-RowSums<Acc> exp_pass(const RowBuffers<Acc>& b, int64_t C, Acc m_z, Acc m_s, Acc inv_t) {
+// kKeep stores the exponentials for the gradient pass, and kPow > 0 says T == kPow (1, 2, 4 or
+// 8): then exp(ds) = exp(ds / T)^T takes log2(kPow) squarings instead of a third exponential
+// (relative error kPow times that of one exp). Each combination is its own branch-free loop.
+template <bool kSoft, bool kHard, bool kKeep, bool kKL, int kPow, typename Acc>
+RowSums<Acc> exp_pass(const RowBuffers<Acc>& b, const NextRow& next, int64_t C, Acc m_z, Acc m_s,
+                      Acc inv_t) {
   Acc* __restrict__ s = b.s;
   Acc* __restrict__ z = b.z;
   Acc* __restrict__ u = b.u;
   Lanes<Acc> l_z(0), l_u(0), l_s(0), sum_ex(0);
   for_lanes(C, [&](int64_t j, int64_t k) {
     const Acc ds = s[j] - m_s;
+    Acc e_u = 0;
     if constexpr (kSoft) {
       const Acc dz = z[j] - m_z;
       const Acc du = ds * inv_t;
       const Acc e_z = fast_exp(dz);
-      const Acc e_u = fast_exp(du);
+      e_u = fast_exp(du);
       l_z.v[k] += e_z;
       l_u.v[k] += e_u;
       sum_ex.v[k] += weighted_or_zero(e_z, kKL ? dz - du : du);
@@ -193,28 +214,58 @@ RowSums<Acc> exp_pass(const RowBuffers<Acc>& b, int64_t C, Acc m_z, Acc m_s, Acc
       }
     }
     if constexpr (kHard) {
-      const Acc e_s = fast_exp(ds);
+      Acc e_s;
+      if constexpr (kSoft && kPow > 0) {
+        e_s = e_u;
+        if constexpr (kPow >= 2) e_s *= e_s;
+        if constexpr (kPow >= 4) e_s *= e_s;
+        if constexpr (kPow >= 8) e_s *= e_s;
+        e_s = ds < Acc(-87) ? Acc(0) : e_s;  // flush where fast_exp would (no denormals)
+      } else {
+        e_s = fast_exp(ds);
+      }
       l_s.v[k] += e_s;
       if constexpr (kKeep) s[j] = e_s;
     }
-  });
+  }, next);
   RowSums<Acc> r;
   if (kSoft) r.l_z = lane_sum(l_z.v), r.l_u = lane_sum(l_u.v), r.sum_ex = lane_sum(sum_ex.v);
   if (kHard) r.l_s = lane_sum(l_s.v);
   return r;
 }
 
+// Integer powers of two up to 8 as T take the squaring path (float accumulation only).
+template <typename Acc>
+int temperature_power(double t) {
+  if (!std::is_same_v<Acc, float>) return 0;
+  return (t == 1.0 || t == 2.0 || t == 4.0 || t == 8.0) ? static_cast<int>(t) : 0;
+}
+
+template <bool kSoft, bool kHard, bool kKeep, bool kKL, typename Acc>
+RowSums<Acc> exp_pass(int power, const RowBuffers<Acc>& b, const NextRow& next, int64_t C,
+                      Acc m_z, Acc m_s, Acc inv_t) {
+  switch (power) {
+    case 1: return exp_pass<kSoft, kHard, kKeep, kKL, 1>(b, next, C, m_z, m_s, inv_t);
+    case 2: return exp_pass<kSoft, kHard, kKeep, kKL, 2>(b, next, C, m_z, m_s, inv_t);
+    case 4: return exp_pass<kSoft, kHard, kKeep, kKL, 4>(b, next, C, m_z, m_s, inv_t);
+    case 8: return exp_pass<kSoft, kHard, kKeep, kKL, 8>(b, next, C, m_z, m_s, inv_t);
+    default: return exp_pass<kSoft, kHard, kKeep, kKL, 0>(b, next, C, m_z, m_s, inv_t);
+  }
+}
+
 template <bool kSoft, bool kHard, typename Acc>
-RowSums<Acc> exp_pass(const KDArgs& a, bool keep, const RowBuffers<Acc>& b, Acc m_z, Acc m_s,
-                      Acc inv_t) {
+RowSums<Acc> exp_pass(const KDArgs& a, bool keep, const RowBuffers<Acc>& b, const NextRow& next,
+                      Acc m_z, Acc m_s, Acc inv_t) {
   const int64_t C = a.num_classes;
   const bool kl = a.soft_loss == SoftLoss::kKL;
+  // Only a row with both terms has an exp(ds / T) to square.
+  const int power = kSoft && kHard ? temperature_power<Acc>(a.temperature) : 0;
   if (keep) {
-    return kl ? exp_pass<kSoft, kHard, true, true>(b, C, m_z, m_s, inv_t)
-              : exp_pass<kSoft, kHard, true, false>(b, C, m_z, m_s, inv_t);
+    return kl ? exp_pass<kSoft, kHard, true, true>(power, b, next, C, m_z, m_s, inv_t)
+              : exp_pass<kSoft, kHard, true, false>(power, b, next, C, m_z, m_s, inv_t);
   }
-  return kl ? exp_pass<kSoft, kHard, false, true>(b, C, m_z, m_s, inv_t)
-            : exp_pass<kSoft, kHard, false, false>(b, C, m_z, m_s, inv_t);
+  return kl ? exp_pass<kSoft, kHard, false, true>(power, b, next, C, m_z, m_s, inv_t)
+            : exp_pass<kSoft, kHard, false, false>(power, b, next, C, m_z, m_s, inv_t);
 }
 
 // Pass 3: g_j = q_scale e_u - p_scale e_z + r_scale e_s - [j == y] ch, stored in the student's
@@ -255,15 +306,25 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   const Acc m_s = load_scaled_max(s, b.s, C, Acc(1));
   const Acc s_y = role.hard ? b.s[label] : Acc(0);
   const bool keep = grad != nullptr;
+  NextRow next;
+  if (i + 1 < a.num_rows) {
+    next.rows[next.count] = reinterpret_cast<const char*>(s + a.student_row_stride);
+    next.elem_bytes[next.count++] = sizeof(S);
+    for (int32_t m = 0; m < a.num_teachers; ++m) {
+      const Tt* t = static_cast<const Tt*>(a.teachers[m]) + (i + 1) * a.teacher_row_strides[m];
+      next.rows[next.count] = reinterpret_cast<const char*>(t);
+      next.elem_bytes[next.count++] = sizeof(Tt);
+    }
+  }
 
   RowSums<Acc> r;
   if (role.soft) {
     const Acc m_z = a.ensemble == Ensemble::kGeometric ? combine_geometric<Tt>(a, i, inv_t, b)
                                                        : combine_arithmetic<Tt>(a, i, inv_t, b);
-    r = role.hard ? exp_pass<true, true>(a, keep, b, m_z, m_s, inv_t)
-                  : exp_pass<true, false>(a, keep, b, m_z, m_s, inv_t);
+    r = role.hard ? exp_pass<true, true>(a, keep, b, next, m_z, m_s, inv_t)
+                  : exp_pass<true, false>(a, keep, b, next, m_z, m_s, inv_t);
   } else {
-    r = exp_pass<false, true>(a, keep, b, Acc(0), m_s, inv_t);
+    r = exp_pass<false, true>(a, keep, b, next, Acc(0), m_s, inv_t);
   }
 
   Acc value = 0;

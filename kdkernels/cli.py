@@ -11,6 +11,7 @@ import torch
 import kdkernels
 
 from ._backends import load_extension
+from .bench import GRIDS
 
 
 def info() -> int:
@@ -43,10 +44,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kdkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, build configuration and available backends")
+    b = sub.add_parser("bench", help="time every provider against eager and torch.compile")
+    b.add_argument("--grid", default="targets", choices=sorted(GRIDS), help="which cases")
+    b.add_argument("--quick", action="store_true", help="the small grid (under a minute)")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--memory", action="store_true", help="peak memory, one process per provider")
+    b.add_argument("--out", help="folder for results.json")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "bench":
+        return bench(args)
     return 2
+
+
+def bench(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .bench import GRIDS, format_table, run
+
+    cases = GRIDS["quick" if args.quick else args.grid]
+    rows = run(cases, args.device, args.repeats, args.memory)
+    print(
+        f"kdkernels {kdkernels.__version__}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+    print(format_table(rows))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        print(f"wrote {out / 'results.json'}")
+    return 0
 
 
 if __name__ == "__main__":
