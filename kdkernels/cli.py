@@ -12,6 +12,7 @@ import kdkernels
 
 from ._backends import load_extension
 from .bench import GRIDS
+from .train import Config as TrainConfig
 
 
 def info() -> int:
@@ -51,7 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--memory", action="store_true", help="peak memory, one process per provider")
     b.add_argument("--out", help="folder for results.json")
+    t = sub.add_parser("train", help="reproduce the paper's distillation effect on real digits")
+    defaults = TrainConfig()
+    t.add_argument("--seeds", type=int, default=defaults.seeds)
+    t.add_argument("--teachers", type=int, default=defaults.teachers, help="ensemble size M")
+    t.add_argument("--temperature", type=float, default=defaults.temperature)
+    t.add_argument("--soft-weight", type=float, default=defaults.soft_weight)
+    t.add_argument("--hard-weight", type=float, default=defaults.hard_weight)
+    t.add_argument("--ensemble", default=defaults.ensemble, choices=["geometric", "arithmetic"])
+    t.add_argument(
+        "--backend", default=defaults.backend, choices=["auto", "cpu", "cuda", "triton", "torch"]
+    )
+    t.add_argument("--teacher-epochs", type=int, default=defaults.teacher_epochs)
+    t.add_argument("--student-epochs", type=int, default=defaults.student_epochs)
+    t.add_argument("--data-dir", help="folder with MNIST's IDX files (never downloaded)")
+    t.add_argument("--out", default=defaults.out, help="folder for results.json and the plot")
+    t.add_argument("--quick", action="store_true", help="a tiny configuration (seconds)")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return train(args)
     if args.command == "info":
         return info()
     if args.command == "bench":
@@ -59,12 +78,35 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def train(args: argparse.Namespace) -> int:
+    from .train import main as train_main
+
+    cfg = TrainConfig(
+        seeds=args.seeds,
+        teachers=args.teachers,
+        temperature=args.temperature,
+        soft_weight=args.soft_weight,
+        hard_weight=args.hard_weight,
+        ensemble=args.ensemble,
+        backend=args.backend,
+        teacher_epochs=args.teacher_epochs,
+        student_epochs=args.student_epochs,
+        data_dir=args.data_dir,
+        out=args.out,
+    )
+    if args.quick:
+        cfg.seeds, cfg.teachers, cfg.teacher_hidden = 1, 2, 64
+        cfg.teacher_epochs, cfg.student_epochs = 3, 4
+    train_main(cfg)
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
     from pathlib import Path
 
-    from .bench import GRIDS, format_table, run
+    from .bench import format_table, run
 
     cases = GRIDS["quick" if args.quick else args.grid]
     rows = run(cases, args.device, args.repeats, args.memory)

@@ -35,8 +35,14 @@ def test_cpu_isa_variant_matches_reference(isa, tmp_path):
     if isa not in _C.build_info()["cpu_isas_built"].split(","):
         pytest.skip(f"the {isa} variant is not built for this architecture")
     env = {**os.environ, "KDKERNELS_CPU_ISA": isa}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                         check=True, cwd=tmp_path)  # not the source tree: import the install
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )  # not the source tree: import the install
     chosen, worst = out.stdout.split()
     if chosen != isa:
         pytest.skip(f"this CPU does not support {isa} (ran {chosen})")
