@@ -54,7 +54,9 @@ def _cuda(problem: Problem | None) -> str | None:
 
 
 def _triton(problem: Problem | None) -> str | None:
-    return "no Triton kernels in this version of kdkernels"
+    from ._triton import triton_unavailable
+
+    return triton_unavailable(problem)
 
 
 def _torch(problem: Problem | None) -> str | None:

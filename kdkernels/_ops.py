@@ -114,7 +114,8 @@ def allow_repeated_backward() -> Iterator[None]:
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])
-    ctx.num_teachers = len(inputs[1])
+    # Teachers come as a list (one None each) or as one stacked tensor (one None).
+    ctx.teacher_grads = None if isinstance(inputs[1], Tensor) else [None] * len(inputs[1])
     ctx.mark_non_differentiable(output[1])
     # The gradient output never receives a gradient; without this autograd would materialise
     # an [N, C] zero tensor for it in every backward.
@@ -133,7 +134,7 @@ def _backward(ctx, grad_row_loss: Tensor | None, _unused: Tensor | None):
     if torch.is_grad_enabled():
         raise RuntimeError("kdkernels: double backward (create_graph=True) is not supported")
     (grad,) = ctx.saved_tensors
-    no_grads = [None] * ctx.num_teachers
+    no_grads = ctx.teacher_grads
     if grad_row_loss is None:  # the loss itself received no gradient
         return (None, no_grads) + (None,) * 12
     scale = grad_row_loss.unsqueeze(1)
@@ -151,7 +152,18 @@ def _backward(ctx, grad_row_loss: Tensor | None, _unused: Tensor | None):
     return (grad, no_grads) + (None,) * 12
 
 
-fused_kd.register_autograd(_backward, setup_context=_setup_context)
+_registered: set[int] = set()
+
+
+def register_fused_autograd(op) -> None:
+    """Give a fused op (this one, or another backend's with the same signature) the autograd
+    above: backward scales the gradient saved by the forward pass."""
+    if id(op) not in _registered:
+        op.register_autograd(_backward, setup_context=_setup_context)
+        _registered.add(id(op))
+
+
+register_fused_autograd(fused_kd)
 
 
 def _kernel_dtypes(problem: Problem) -> tuple[Tensor, list[Tensor]]:

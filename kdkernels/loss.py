@@ -79,7 +79,12 @@ def distillation_loss(
     name = _backends.select(backend, problem)
     if name == "torch":
         return _reference(problem)
-    row_loss = fused_row_losses(problem)
+    if name == "triton":
+        from ._triton import triton_row_losses
+
+        row_loss = triton_row_losses(problem)
+    else:
+        row_loss = fused_row_losses(problem)
     if reduction == "none":
         return row_loss.reshape(problem.lead_shape)
     return row_loss.sum()

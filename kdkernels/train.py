@@ -125,7 +125,7 @@ def mlp(inputs: int, hidden: int, layers: int, dropout: float = 0.0) -> nn.Seque
 
 
 def jitter(x: Tensor, side: int, pixels: int, gen: torch.Generator) -> Tensor:
-    """Shift each image by up to `pixels` in each direction (zero fill): the paper's small jitter."""
+    """Shift a batch by one random offset of up to `pixels` each way (zero fill): the jitter."""
     if pixels == 0:
         return x
     images = x.reshape(-1, 1, side, side)

@@ -1,0 +1,8 @@
+import os
+
+import torch
+
+# Without a GPU, the Triton backend runs on CPU tensors in Triton's interpreter. This must be
+# set before kdkernels imports Triton (it does so lazily, at the first use of the backend).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
