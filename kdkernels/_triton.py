@@ -33,7 +33,8 @@ def triton_unavailable(problem: Problem | None) -> str | None:
         return None
     device = problem.student.device.type
     if device != "cuda" and not (device == "cpu" and interpret):
-        return f"it serves CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); inputs are on {device}"
+        where = "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+        return f"it serves {where}; the inputs are on {device}"
     dtypes = {problem.student.dtype} | {t.dtype for t in problem.teachers}
     if torch.float64 in dtypes:
         return "float64 inputs are not supported (float32/float16/bfloat16)"
