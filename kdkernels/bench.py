@@ -56,8 +56,14 @@ class Case:
 
 
 # The grids. "targets" are the shapes of the CPU performance contract (DESIGN.md section 4).
+def _product(ns, cs, ms, dtypes) -> list[Case]:
+    return [Case(n, c, m, d) for d in dtypes for m in ms for n in ns for c in cs]
+
+
 GRIDS: dict[str, list[Case]] = {
     "quick": [Case(256, 10), Case(256, 1000, m=4), Case(64, 32000, dtype="bfloat16")],
+    "default": _product((256, 65536), (10, 100, 1000), (1, 4), ("float32", "bfloat16"))
+    + _product((2048, 8192), (32000, 128256), (1, 4), ("float32", "bfloat16")),
     "targets": [
         Case(2048, 32000),
         Case(2048, 32000, m=4),
@@ -67,6 +73,25 @@ GRIDS: dict[str, list[Case]] = {
         Case(65536, 10, dtype="bfloat16"),
     ],
 }
+
+
+# Rough peak working set of each provider beyond its inputs, in [N, C] float32 buffers (measured
+# with --memory on the targets grid: eager about 5-6, compile 2, kdkernels one gradient).
+_WORKING_SET = {"eager": 7.0, "compile": 3.0}
+
+
+def estimated_bytes(case: Case, provider: str) -> int:
+    size = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+    inputs = case.n * case.c * size * (1 + case.m)
+    return int(inputs + case.n * case.c * 4 * _WORKING_SET.get(provider, 1.0))
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
 
 
 def eager_kd_loss(student: Tensor, teachers: Tensor, labels: Tensor) -> Tensor:
@@ -218,6 +243,7 @@ class Row:
     floor_ms: float = float("nan")
     times_floor: float = float("nan")
     peak_mb: float = float("nan")
+    note: str = ""
 
 
 def run(
@@ -227,7 +253,9 @@ def run(
     memory: bool = False,
     progress: bool = True,
 ) -> list[Row]:
-    """Time every provider on every case; ratios are within one case, measured back to back."""
+    """Time every provider on every case; ratios are within one case, measured back to back.
+    A provider whose estimated working set would not fit in this machine's memory is skipped,
+    with a note saying so."""
     names = list(providers(device))
     try:
         from tqdm import tqdm
@@ -241,10 +269,17 @@ def run(
     bar = tqdm(steps, desc="kdkernels bench", disable=not progress, leave=False)
     floors: dict[Case, float] = {}
     refs: dict[Case, float] = {}
+    free = available_bytes() if device == "cpu" else torch.cuda.mem_get_info()[0]
     for case, name in bar:
+        need = estimated_bytes(case, name)
+        if need > 0.8 * free:
+            note = f"skipped: needs about {need / 2**30:.0f} GiB"
+            rows.append(Row(case.name, name, float("nan"), float("nan"), float("nan"), note=note))
+            continue
         if case not in floors:
             floors[case] = case.minimal_bytes() / copy_bandwidth(case, device)
-            refs[case] = reference_loss(case)
+            small = case.n * case.c * (1 + case.m) <= 2**28  # the float64 reference fits
+            refs[case] = reference_loss(case) if small else float("nan")
         seconds, loss = time_provider(providers(device)[name], case, device, repeats)
         row = Row(case.name, name, seconds * 1e3, loss, refs[case])
         row.gbps = case.minimal_bytes() / seconds / 1e9
@@ -252,12 +287,14 @@ def run(
         row.times_floor = seconds / floors[case]
         if memory and device == "cpu":
             row.peak_mb = peak_memory_mb(name, case)
+        elif device == "cuda":
+            row.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
         rows.append(row)
     for row in rows:
-        same = [r for r in rows if r.case == row.case]
-        eager = next(r.ms for r in same if r.provider == "eager")
-        compiled = next(r.ms for r in same if r.provider == "compile")
-        row.speedup_vs_eager, row.speedup_vs_compile = eager / row.ms, compiled / row.ms
+        same = {r.provider: r.ms for r in rows if r.case == row.case}
+        row.speedup_vs_eager = same.get("eager", float("nan")) / row.ms
+        row.speedup_vs_compile = same.get("compile", float("nan")) / row.ms
     return rows
 
 
@@ -268,6 +305,9 @@ def format_table(rows: list[Row]) -> str:
     )
     lines = [header, "|" + "---|" * 10]
     for r in rows:
+        if r.note:
+            lines.append(f"| {r.case} | {r.provider} | {r.note} |" + " |" * 7)
+            continue
         err = abs(r.loss - r.reference) / max(abs(r.reference), 1e-30)
         lines.append(
             f"| {r.case} | {r.provider} | {r.ms:.1f} | {r.speedup_vs_eager:.1f} | "
@@ -275,6 +315,49 @@ def format_table(rows: list[Row]) -> str:
             f"{r.peak_mb:.0f} | {err:.1e} |"
         )
     return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], path) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+
+
+def plot(rows: list[Row], cases: list[Case], path) -> None:
+    """Time and peak memory per provider against the problem size N * C (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name = {c.name: c for c in cases}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for color, provider in enumerate(dict.fromkeys(r.provider for r in rows)):
+        for m, marker in ((1, "o"), (4, "s")):
+            mine = [
+                r for r in rows if r.provider == provider and not r.note and by_name[r.case].m == m
+            ]
+            if not mine:
+                continue
+            sizes = [by_name[r.case].n * by_name[r.case].c for r in mine]
+            label = f"{provider}, M={m}"
+            style = dict(marker=marker, ls="", color=f"C{color}", label=label)
+            axes[0].plot(sizes, [r.ms for r in mine], **style)
+            axes[1].plot(sizes, [r.peak_mb for r in mine], **style)
+    for ax, ylabel in zip(axes, ("median time (ms)", "peak memory above inputs (MB)"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("N x C")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("kdkernels distillation loss vs eager PyTorch and torch.compile")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

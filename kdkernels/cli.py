@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--memory", action="store_true", help="peak memory, one process per provider")
-    b.add_argument("--out", help="folder for results.json")
+    b.add_argument("--mode", default="fwd+bwd", choices=["fwd+bwd", "fwd", "both"])
+    b.add_argument("--out", help="folder for results.json, results.csv and results.png")
     t = sub.add_parser("train", help="reproduce the paper's distillation effect on real digits")
     defaults = TrainConfig()
     t.add_argument("--seeds", type=int, default=defaults.seeds)
@@ -103,12 +104,19 @@ def train(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     import json
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
     from pathlib import Path
 
-    from .bench import format_table, run
+    from .bench import format_table, plot, run, write_csv
 
     cases = GRIDS["quick" if args.quick else args.grid]
+    if args.mode != "fwd+bwd":
+        forward = [replace(c, backward=False) for c in cases]
+        cases = (
+            forward
+            if args.mode == "fwd"
+            else [x for p in zip(cases, forward, strict=True) for x in p]
+        )
     rows = run(cases, args.device, args.repeats, args.memory)
     print(
         f"kdkernels {kdkernels.__version__}, torch {torch.__version__}, "
@@ -119,7 +127,9 @@ def bench(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
-        print(f"wrote {out / 'results.json'}")
+        write_csv(rows, out / "results.csv")
+        plot(rows, cases, out / "results.png")
+        print(f"wrote {out / 'results.json'}, results.csv and results.png")
     return 0
 
 

@@ -1,0 +1,41 @@
+"""pytest-benchmark suite over the cases defined in kdkernels.bench (the same as `kdkernels bench`).
+
+    pytest bench/                                  # time the quick grid
+    KDKERNELS_BENCH_GRID=targets pytest bench/     # or any grid of kdkernels.bench.GRIDS
+    pytest bench/ --benchmark-disable              # CI: one run each, loss checked, no timing
+
+Nothing here asserts speed (machines are noisy); every provider must run and agree with the
+float64 reference on the loss value.
+"""
+
+import math
+import os
+
+import pytest
+
+from kdkernels.bench import GRIDS, providers, reference_loss
+
+CASES = GRIDS[os.environ.get("KDKERNELS_BENCH_GRID", "quick")]
+DEVICE = os.environ.get("KDKERNELS_BENCH_DEVICE", "cpu")
+
+
+@pytest.mark.parametrize("provider", list(providers(DEVICE)))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_provider(benchmark, case, provider):
+    fn = providers(DEVICE)[provider]
+    student, teachers, labels = case.inputs(DEVICE)
+    student.requires_grad_(case.backward)
+
+    def step():
+        student.grad = None
+        loss = fn(student, teachers, labels)
+        if case.backward:
+            loss.backward()
+        return loss
+
+    benchmark.group = case.name
+    loss = float(benchmark(step))
+    reference = reference_loss(case)
+    assert math.isclose(loss, reference, rel_tol=1e-4), f"{provider}: {loss} vs {reference}"
+    if case.backward:
+        assert student.grad is not None and student.grad.isfinite().all()
