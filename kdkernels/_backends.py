@@ -46,11 +46,25 @@ def _cuda(problem: Problem | None) -> str | None:
     ext, why = load_extension()
     if ext is None:
         return why
-    if not ext.build_info()["cuda"]:
+    build = ext.build_info()
+    if not build["cuda"]:
         return "not compiled: this build has no CUDA kernels (nvcc not found or KDKERNELS_CUDA=OFF)"
-    if not torch.cuda.is_available():
-        return "compiled, but no CUDA GPU is available here"
-    return "the CUDA kernels are not wired into this version"
+    devices, why = ext.cuda_status()
+    if devices == 0 or not torch.cuda.is_available():
+        return (
+            f"compiled (CUDA {build['cuda_version']}, sm {build['cuda_architectures']}), "
+            f"but no GPU is usable here: {why or 'torch sees no CUDA device'}"
+        )
+    if problem is None:
+        return None
+    if problem.student.device.type != "cuda":
+        return f"it serves CUDA tensors; the inputs are on {problem.student.device}"
+    dtypes = {problem.student.dtype} | {t.dtype for t in problem.teachers}
+    if torch.float64 in dtypes:
+        return "float64 inputs are not supported (float32/float16/bfloat16)"
+    if len(problem.teachers) > MAX_TEACHERS:
+        return f"it takes at most {MAX_TEACHERS} teachers; got {len(problem.teachers)}"
+    return None
 
 
 def _triton(problem: Problem | None) -> str | None:

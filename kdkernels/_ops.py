@@ -22,7 +22,7 @@ def _loss_dtype(student: Tensor) -> torch.dtype:
     return torch.float64 if student.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("kdkernels::fused_kd", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("kdkernels::fused_kd", mutates_args=())
 def fused_kd(
     student: Tensor,
     teachers: list[Tensor],
@@ -70,7 +70,13 @@ def fused_kd(
         grad=grad.data_ptr() if compute_grad else 0,
         num_threads=torch.get_num_threads(),
     )
-    ext.forward_cpu(args)
+    if student.device.type == "cuda":
+        # Two int64 of device memory for the valid-row counts; the kernel never syncs the host.
+        workspace = torch.empty(2, dtype=torch.int64, device=student.device)
+        stream = torch.cuda.current_stream(student.device).cuda_stream
+        ext.forward_cuda(args, stream, student.device.index, workspace.data_ptr())
+    else:
+        ext.forward_cpu(args)
     return row_loss, grad
 
 

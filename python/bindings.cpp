@@ -16,6 +16,9 @@
 
 #include "kd_args.h"
 #include "kd_cpu.h"
+#ifdef KDKERNELS_WITH_CUDA
+#include "kd_cuda.h"
+#endif
 
 namespace py = pybind11;
 
@@ -104,6 +107,30 @@ void forward_cpu(const kd::KDArgs& a) {
   kd::kd_forward_cpu(a);
 }
 
+#ifdef KDKERNELS_WITH_CUDA
+void forward_cuda(const kd::KDArgs& a, uintptr_t stream, int device, uintptr_t workspace) {
+  if (a.num_rows > 0 && workspace == 0) throw std::invalid_argument("workspace pointer is null");
+  const char* error = nullptr;
+  {
+    py::gil_scoped_release release;
+    error = kd::kd_forward_cuda(a, reinterpret_cast<void*>(stream), device,
+                                reinterpret_cast<void*>(workspace));
+  }
+  if (error != nullptr) throw std::runtime_error(std::string("kdkernels CUDA kernel: ") + error);
+}
+#endif
+
+// (number of usable CUDA devices, why none) for kdkernels.backends().
+py::tuple cuda_status() {
+#ifdef KDKERNELS_WITH_CUDA
+  const char* why = "";
+  const int count = kd::cuda_device_count(&why);
+  return py::make_tuple(count, std::string(why));
+#else
+  return py::make_tuple(0, std::string("not compiled"));
+#endif
+}
+
 py::dict build_info() {
   py::dict info;
   info["compiler"] = KDKERNELS_COMPILER;
@@ -142,4 +169,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("forward_cpu", &forward_cpu, py::arg("args"),
         "Run the fused CPU kernel: per-row losses and, if grad is set, the gradient.");
   m.def("build_info", &build_info, "How this extension was built.");
+  m.def("cuda_status", &cuda_status, "(usable CUDA devices, why none) as the CUDA runtime says.");
+#ifdef KDKERNELS_WITH_CUDA
+  m.def("forward_cuda", &forward_cuda, py::arg("args"), py::arg("stream"), py::arg("device"),
+        py::arg("workspace"),
+        "Launch the fused CUDA kernel on a stream (cudaStream_t as int); never synchronises.");
+#endif
 }

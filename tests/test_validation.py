@@ -108,7 +108,15 @@ BAD_INPUTS = [
     (dict(reduction=None), TypeError, "reduction must be a string"),
     (dict(backend="tpu"), ValueError, "backend must be one of"),
     (dict(backend="cuda"), ValueError, "backend='cuda' cannot serve these inputs"),
-    (dict(backend="triton"), ValueError, "backend='triton' cannot serve these inputs"),
+    (
+        dict(
+            backend="triton",
+            student_logits=torch.randn(N, C, dtype=torch.float64),
+            teacher_logits=torch.randn(N, C, dtype=torch.float64),
+        ),
+        ValueError,
+        "backend='triton' cannot serve these inputs",
+    ),
     (dict(scale_soft_by_t2="yes"), TypeError, "scale_soft_by_t2 must be a bool"),
     (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
     (

@@ -1,0 +1,73 @@
+"""The CUDA backend. Its correctness tests need a GPU (marked `cuda`, skipped without one, the same
+tests run unchanged on a GPU machine); what the build says about it is tested everywhere."""
+
+import pytest
+import torch
+
+import kdkernels as kd
+from kdkernels import _C
+from kdkernels.testing import rel_error, sample_inputs, tolerance
+
+HAS_GPU = torch.cuda.is_available() and _C.cuda_status()[0] > 0
+CASES = list(sample_inputs(seed=4))
+
+
+def test_backends_report_why_cuda_is_unavailable():
+    status = kd.backends()["cuda"]
+    build = _C.build_info()
+    if not build["cuda"]:
+        assert not status.available and "not compiled" in status.reason
+    elif not HAS_GPU:
+        assert not status.available
+        assert "compiled (CUDA" in status.reason and "no GPU is usable" in status.reason
+    else:
+        assert status.available
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    with pytest.raises(ValueError, match="backend='cuda' cannot serve these inputs"):
+        kd.distillation_loss(torch.randn(2, 5), torch.randn(2, 5), backend="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_matches_reference(dtype, case):
+    student, teachers, labels = case.inputs(dtype, "cuda")
+    student.requires_grad_(True)
+    out = kd.distillation_loss(student, teachers, labels, backend="cuda", **case.kwargs)
+    ref_student = student.detach().double().requires_grad_(True)
+    ref = case.reference(ref_student, teachers, labels)
+    grad_out = torch.rand(ref.shape, dtype=torch.float64, device="cuda") + 0.5
+    (out.double() * grad_out).sum().backward()
+    (ref * grad_out).sum().backward()
+    assert rel_error(out, ref) < tolerance(dtype)
+    floor = 2 * rel_error(ref_student.grad.to(dtype), ref_student.grad)
+    assert rel_error(student.grad, ref_student.grad) < max(tolerance(dtype), floor)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU on this machine")
+def test_cuda_out_of_range_label_gives_nan_row_without_sync():
+    s = torch.randn(3, 10, device="cuda", requires_grad=True)
+    rows = kd.distillation_loss(
+        s,
+        torch.randn(3, 10, device="cuda"),
+        torch.tensor([1, 50, 2], device="cuda"),
+        reduction="none",
+        backend="cuda",
+    )
+    assert rows[1].isnan() and not rows[[0, 2]].isnan().any()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU on this machine")
+def test_cuda_compiles_fullgraph():
+    s = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    t = torch.randn(2, 64, 1000, device="cuda")
+    f = torch.compile(lambda s, t: kd.distillation_loss(s, t, backend="cuda"), fullgraph=True)
+    f(s, t).backward()
+    ref = s.detach().clone().requires_grad_(True)
+    kd.distillation_loss(ref, t, backend="cuda").backward()
+    torch.testing.assert_close(s.grad, ref.grad)
