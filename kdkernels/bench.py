@@ -135,7 +135,31 @@ def providers(device: str = "cpu") -> dict[str, Callable[[Tensor, Tensor, Tensor
         serves = "cpu" if name == "cpu" else "cuda"
         if status.available and name != "torch" and serves == device:
             found[f"kdkernels-{name}"] = _kdkernels_provider(name)
+    if device == "cuda":
+        liger = _liger_provider()
+        if liger is not None:
+            found["liger"] = liger
     return found
+
+
+def _liger_provider() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """Liger-Kernel's KL-divergence and cross-entropy losses composed into the same loss (its
+    KL takes log-probabilities, so the softmaxes stay eager), when Liger is installed."""
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
+    except ImportError:
+        return None
+    kl, ce = LigerKLDIVLoss(reduction="batchmean", log_target=True), LigerCrossEntropyLoss()
+
+    def loss(student: Tensor, teachers: Tensor, labels: Tensor) -> Tensor:
+        t = teachers[0] if teachers.shape[0] == 1 else teachers.float().mean(0)
+        soft = kl(
+            F.log_softmax(student.float() / TEMPERATURE, -1),
+            F.log_softmax(t.float() / TEMPERATURE, -1),
+        )
+        return SOFT_WEIGHT * TEMPERATURE**2 * soft + HARD_WEIGHT * ce(student, labels)
+
+    return loss
 
 
 def _sync(device: str) -> None:

@@ -1,0 +1,83 @@
+"""GPU check: one call that checks every GPU backend against the reference and times
+forward+backward against eager PyTorch, torch.compile (and Liger-Kernel when importable), with
+achieved bandwidth as a fraction of a device-to-device copy measured in the same run.
+
+    pip install '.[triton,bench]' && python bench/gpu_check.py            # N=8192 C=128256 bf16
+    python bench/gpu_check.py --n 4096 --c 32000 --dtype float32 --m 4
+
+On a machine without a GPU it says so (and why, per backend) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import kdkernels as kd
+from kdkernels.bench import Case, format_table, run
+from kdkernels.reference import kd_loss_reference
+
+
+def check(case: Case, backend: str) -> tuple[float, float]:
+    """Relative error of the loss and of the gradient against the float32 GPU reference."""
+    student, teachers, labels = case.inputs("cuda")
+    s1 = student.detach().clone().requires_grad_(True)
+    s2 = student.detach().clone().requires_grad_(True)
+    out = kd.distillation_loss(s1, teachers, labels, backend=backend)
+    ref = kd_loss_reference(s2, list(teachers), labels)
+    out.backward()
+    ref.backward()
+    loss_err = (out.double() - ref.double()).abs().item() / ref.double().abs().item()
+    g, r = s1.grad.double(), s2.grad.double()
+    grad_err = ((g - r).norm() / r.norm()).item()
+    return loss_err, grad_err
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--c", type=int, default=128256)
+    parser.add_argument("--m", type=int, default=1)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    gpu = {name: s for name, s in kd.backends().items() if name in ("cuda", "triton")}
+    if not torch.cuda.is_available():
+        print("gpu_check needs a CUDA GPU; none is available here.")
+        for name, status in gpu.items():
+            print(f"  {name}: {status.reason}")
+        return 2
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, kdkernels {kd.__version__}"
+    )
+    cases = [
+        Case(args.n, args.c, args.m, args.dtype),
+        Case(args.n, args.c, args.m, args.dtype, False),
+    ]
+    print("\ncorrectness at full size (relative error vs the float32 GPU reference):")
+    ok = True
+    for name, status in gpu.items():
+        if not status.available:
+            print(f"  {name}: not run ({status.reason})")
+            continue
+        loss_err, grad_err = check(cases[0], name)
+        good = loss_err < 1e-2 and grad_err < 1e-2
+        ok &= good
+        print(f"  {name}: loss {loss_err:.2e}, gradient {grad_err:.2e} {'ok' if good else 'FAIL'}")
+    print(
+        "\ntiming (median of repeats; 'GB/s' over the minimal bytes; '/ floor' = time over the "
+        "time to move those bytes at the measured device-to-device copy bandwidth):"
+    )
+    rows = run(cases, "cuda", args.repeats, progress=False)
+    print(format_table(rows))
+    for row in rows:
+        if not row.note:
+            print(f"  {row.case} {row.provider}: {100 / row.times_floor:.0f}% of copy bandwidth")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
