@@ -50,9 +50,8 @@ def main() -> int:
         for name, status in gpu.items():
             print(f"  {name}: {status.reason}")
         return 2
-    print(
-        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, kdkernels {kd.__version__}"
-    )
+    versions = f"torch {torch.__version__}, kdkernels {kd.__version__}"
+    print(f"device: {torch.cuda.get_device_name()}, {versions}")
     cases = [
         Case(args.n, args.c, args.m, args.dtype),
         Case(args.n, args.c, args.m, args.dtype, False),

@@ -181,16 +181,15 @@ def _kernel_dtypes(problem: Problem) -> tuple[Tensor, list[Tensor]]:
     return student, [t if t.dtype == dtype else t.to(dtype) for t in teachers]
 
 
-def fused_row_losses(problem: Problem) -> Tensor:
-    """Run the fused op on a validated problem; returns the per-row losses [N]."""
-    student, teachers = _kernel_dtypes(problem)
+def op_arguments(problem: Problem, student: Tensor, teachers, weights) -> tuple:
+    """The positional arguments of a fused op (this one or another backend's) for a problem."""
     o = problem.options
     compute_grad = student.requires_grad and torch.is_grad_enabled()
-    row_loss, _ = fused_kd(
+    return (
         student,
         teachers,
         problem.labels,
-        problem.weights,
+        weights,
         o.temperature,
         o.soft_weight,
         o.hard_weight,
@@ -202,4 +201,10 @@ def fused_row_losses(problem: Problem) -> Tensor:
         o.reduction,
         compute_grad,
     )
+
+
+def fused_row_losses(problem: Problem) -> Tensor:
+    """Run the fused op on a validated problem; returns the per-row losses [N]."""
+    student, teachers = _kernel_dtypes(problem)
+    row_loss, _ = fused_kd(*op_arguments(problem, student, teachers, problem.weights))
     return row_loss

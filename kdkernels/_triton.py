@@ -290,27 +290,11 @@ if triton is not None:
 
 def triton_row_losses(problem: Problem) -> Tensor:
     """Run the Triton op on a validated problem; returns the per-row losses [N]."""
-    from ._ops import register_fused_autograd
+    from ._ops import op_arguments, register_fused_autograd
 
     register_fused_autograd(fused_kd_triton)
-    o = problem.options
     student = problem.student
     weights = torch.tensor(problem.weights, dtype=torch.float32, device=student.device)
-    compute_grad = student.requires_grad and torch.is_grad_enabled()
-    row_loss, _ = fused_kd_triton(
-        student,
-        _stacked_teachers(problem.teachers),
-        problem.labels,
-        weights,
-        o.temperature,
-        o.soft_weight,
-        o.hard_weight,
-        o.ensemble,
-        o.soft_loss,
-        o.scale_soft_by_t2,
-        o.ignore_index,
-        o.unlabeled_index,
-        o.reduction,
-        compute_grad,
-    )
+    teachers = _stacked_teachers(problem.teachers)
+    row_loss, _ = fused_kd_triton(*op_arguments(problem, student, teachers, weights))
     return row_loss

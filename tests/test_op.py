@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import kdkernels as kd
-from kdkernels._ops import _kernel_dtypes, fused_kd
+from kdkernels._ops import _kernel_dtypes, fused_kd, op_arguments
 from kdkernels._validate import Options, validate
 from kdkernels.testing import sample_inputs
 
@@ -26,31 +26,10 @@ OPCHECK_CASES = [
 def op_args(case, dtype, requires_grad):
     student, teachers, labels = case.inputs(dtype)
     student.requires_grad_(requires_grad)
-    problem = validate(
-        student,
-        teachers,
-        labels,
-        case.kwargs.get("teacher_weights"),
-        Options(**{k: v for k, v in case.kwargs.items() if k != "teacher_weights"}),
-    )
+    options = Options(**{k: v for k, v in case.kwargs.items() if k != "teacher_weights"})
+    problem = validate(student, teachers, labels, case.kwargs.get("teacher_weights"), options)
     s, ts = _kernel_dtypes(problem)
-    o = problem.options
-    return (
-        s,
-        ts,
-        problem.labels,
-        problem.weights,
-        o.temperature,
-        o.soft_weight,
-        o.hard_weight,
-        o.ensemble,
-        o.soft_loss,
-        o.scale_soft_by_t2,
-        o.ignore_index,
-        o.unlabeled_index,
-        o.reduction,
-        requires_grad,
-    )
+    return op_arguments(problem, s, ts, problem.weights)
 
 
 def test_opcheck_cases_were_found():
