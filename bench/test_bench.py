@@ -34,7 +34,7 @@ def test_provider(benchmark, case, provider):
         return loss
 
     benchmark.group = case.name
-    loss = float(benchmark(step))
+    loss = benchmark(step).item()
     reference = reference_loss(case)
     assert math.isclose(loss, reference, rel_tol=1e-4), f"{provider}: {loss} vs {reference}"
     if case.backward:

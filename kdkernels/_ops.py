@@ -43,6 +43,8 @@ def fused_kd(
     ext, why = load_extension()
     if ext is None:
         raise RuntimeError(why)
+    if student.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"kdkernels::fused_kd serves CPU and CUDA tensors, not {student.device}")
     n, c = student.shape
     row_loss = student.new_empty((n,), dtype=_loss_dtype(student))
     grad = student.new_empty((n, c) if compute_grad else (0,))
