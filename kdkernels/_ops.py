@@ -22,6 +22,33 @@ def _loss_dtype(student: Tensor) -> torch.dtype:
     return torch.float64 if student.dtype == torch.float64 else torch.float32
 
 
+def check_op_inputs(
+    student: Tensor, teachers: list[Tensor], labels: Tensor | None, num_weights: int
+) -> None:
+    """The kernels read raw pointers: whoever calls the op directly (not through
+    distillation_loss) gets an error here rather than an out-of-bounds read."""
+
+    def unit_last(x: Tensor) -> bool:
+        return x.stride(1) == 1 or x.shape[1] == 1
+
+    if student.dim() != 2 or not unit_last(student):
+        raise ValueError("student must be [N, C] with a contiguous last dimension")
+    if not teachers or len(teachers) != num_weights:
+        raise ValueError("need one teacher weight per teacher, and at least one teacher")
+    for t in teachers:
+        if t.shape != student.shape or not unit_last(t) or t.device != student.device:
+            raise ValueError("every teacher must be [N, C] like the student, last dim contiguous")
+        if t.dtype != teachers[0].dtype:
+            raise ValueError("the teachers must share one dtype")
+    if labels is not None and (
+        labels.dtype != torch.int64
+        or labels.shape != student.shape[:1]
+        or labels.stride(0) != 1
+        or labels.device != student.device
+    ):
+        raise ValueError("labels must be a contiguous int64 [N] tensor on the student's device")
+
+
 @torch.library.custom_op("kdkernels::fused_kd", mutates_args=())
 def fused_kd(
     student: Tensor,
@@ -45,6 +72,7 @@ def fused_kd(
         raise RuntimeError(why)
     if student.device.type not in ("cpu", "cuda"):
         raise ValueError(f"kdkernels::fused_kd serves CPU and CUDA tensors, not {student.device}")
+    check_op_inputs(student, teachers, labels, len(teacher_weights))
     n, c = student.shape
     row_loss = student.new_empty((n,), dtype=_loss_dtype(student))
     grad = student.new_empty((n, c) if compute_grad else (0,))

@@ -234,6 +234,9 @@ def _fused_kd_triton_impl(
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses [N] (float32) and, if compute_grad, d(sum of them)/d(student) [N, C]."""
+    from ._ops import check_op_inputs
+
+    check_op_inputs(student, list(teachers.unbind(0)), labels, teacher_weights.numel())
     n, c = student.shape
     m = teachers.shape[0]
     row_loss = student.new_empty((n,), dtype=torch.float32)

@@ -206,7 +206,7 @@ def _labels(labels: object, student: Tensor, options: Options) -> Tensor | None:
         )
     if labels.device != student.device:
         raise ValueError(f"labels is on {labels.device} but student_logits is on {student.device}")
-    flat = labels.reshape(-1).to(torch.int64)
+    flat = labels.reshape(-1).to(torch.int64).contiguous()
     host_check = labels.device.type == "cpu" or os.environ.get("KDKERNELS_VALIDATE") == "1"
     if host_check and not torch.compiler.is_compiling() and flat.numel() > 0:
         c = student.shape[-1]

@@ -76,9 +76,10 @@ GRIDS: dict[str, list[Case]] = {
 }
 
 
-# Rough peak working set of each provider beyond its inputs, in [N, C] float32 buffers (measured
-# with --memory on the targets grid: eager about 5-6, compile 2, kdkernels one gradient).
-_WORKING_SET = {"eager": 7.0, "compile": 3.0}
+# Rough peak working set of each provider beyond its inputs, in [N, C] float32 buffers: --memory
+# on the targets grid measured eager at 5-7 and compile at 1.5-2 after warm-up, but compiling
+# itself peaks higher (an 8192 x 128256 bfloat16 case at an estimate of 3 was killed for memory).
+_WORKING_SET = {"eager": 8.0, "compile": 6.0}
 
 
 def estimated_bytes(case: Case, provider: str) -> int:
@@ -297,7 +298,7 @@ def run(
     free = available_bytes() if device == "cpu" else torch.cuda.mem_get_info()[0]
     for case, name in bar:
         need = estimated_bytes(case, name)
-        if need > 0.8 * free:
+        if need > 0.6 * free:
             note = f"skipped: needs about {need / 2**30:.0f} GiB"
             rows.append(Row(case.name, name, float("nan"), float("nan"), float("nan"), note=note))
             continue

@@ -158,3 +158,12 @@ def test_auto_picks_cpu_for_cpu_tensors_and_falls_back_for_big_ensembles():
     assert rel_error(auto, ref) < 1e-5
     with pytest.raises(ValueError, match="at most 64 teachers"):
         kd.distillation_loss(student, many, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_labels_are_read_correctly(backend):
+    s, t = torch.randn(5, 12), torch.randn(5, 12)
+    wide = torch.randint(0, 12, (10,))
+    out = kd.distillation_loss(s, t, wide[::2], backend=backend, reduction="none")
+    ref = kd.kd_loss_reference(s.double(), [t.double()], wide[::2].clone(), reduction="none")
+    assert rel_error(out, ref) < 1e-5

@@ -228,3 +228,14 @@ def test_extension_boundary_accepts_good_arguments():
     _C.forward_cpu(_C.make_args(**args))
     ref = kd.kd_loss_reference(s.double(), [t.double()], temperature=2.0, reduction="sum")
     assert abs(row_loss.sum().item() - ref.item()) < 1e-4 * abs(ref.item())
+
+
+def test_op_called_directly_checks_shapes_before_reading_pointers():
+    from kdkernels._ops import fused_kd
+
+    s, t = torch.randn(4, 10), torch.randn(3, 10)
+    args = (None, [1.0], 4.0, 0.9, 0.1, "geometric", "kl", True, -100, None, "mean", False)
+    with pytest.raises(ValueError, match="every teacher must be"):
+        fused_kd(s, [t], *args)
+    with pytest.raises(ValueError, match="labels must be a contiguous int64"):
+        fused_kd(s, [torch.randn(4, 10)], torch.zeros(3, dtype=torch.long), *args[1:])
