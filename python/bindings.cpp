@@ -16,6 +16,7 @@
 
 #include "kd_args.h"
 #include "kd_cpu.h"
+#include "kd_cuda_emulated.h"
 #ifdef KDKERNELS_WITH_CUDA
 #include "kd_cuda.h"
 #endif
@@ -120,6 +121,27 @@ void forward_cuda(const kd::KDArgs& a, uintptr_t stream, int device, uintptr_t w
 }
 #endif
 
+// The CUDA kernel on the host emulator (CPU tensors): tests the CUDA code without a GPU.
+void forward_cuda_emulated(const kd::KDArgs& a, size_t cache_limit) {
+  const char* error = nullptr;
+  {
+    py::gil_scoped_release release;
+    error = kd::kd_forward_cuda_emulated(a, cache_limit);
+  }
+  if (error != nullptr) throw std::runtime_error(std::string("kdkernels CUDA emulator: ") + error);
+}
+
+py::dict cuda_launch_plan(const kd::KDArgs& a, size_t cache_limit) {
+  const kd::LaunchPlan plan = kd::kd_cuda_launch_plan(a, cache_limit);
+  py::dict info;
+  info["warp_rows"] = plan.warp_rows;
+  info["vectorized"] = plan.vectorized;
+  info["cache_bytes"] = plan.cache_bytes;
+  info["blocks"] = plan.blocks;
+  info["threads"] = plan.threads;
+  return info;
+}
+
 // (number of usable CUDA devices, why none) for kdkernels.backends().
 py::tuple cuda_status() {
 #ifdef KDKERNELS_WITH_CUDA
@@ -168,6 +190,10 @@ PYBIND11_MODULE(_C, m) {
         "Build and check the kernel argument struct from raw pointers and options.");
   m.def("forward_cpu", &forward_cpu, py::arg("args"),
         "Run the fused CPU kernel: per-row losses and, if grad is set, the gradient.");
+  m.def("forward_cuda_emulated", &forward_cuda_emulated, py::arg("args"), py::arg("cache_limit"),
+        "Run the CUDA kernel's code on the host emulator, on CPU memory (for tests; slow).");
+  m.def("cuda_launch_plan", &cuda_launch_plan, py::arg("args"), py::arg("cache_limit"),
+        "The launch the CUDA kernel would make for these arguments (for tests).");
   m.def("build_info", &build_info, "How this extension was built.");
   m.def("cuda_status", &cuda_status, "(usable CUDA devices, why none) as the CUDA runtime says.");
 #ifdef KDKERNELS_WITH_CUDA

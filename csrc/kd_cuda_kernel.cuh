@@ -1,0 +1,432 @@
+// The fused distillation loss on NVIDIA GPUs. nvcc compiles it in kd_cuda.cu; the host compiler
+// compiles the same source against the emulator in kd_cuda_emulated.cpp for the CPU tests.
+//
+// A row is handled by a group of threads: a whole block (512 threads) for long rows, one warp
+// for rows of at most 2048 classes (8 rows per block, so short rows keep many rows in flight).
+// Pass 1 reads the row once with 16-byte loads where the layout allows and keeps per-thread
+// online softmax states (max and sum) of the student at T and at 1 and of the teachers, merged
+// across the group by warp shuffles (and shared memory across warps). When the row fits, pass 1
+// also leaves a copy of it in shared memory, and pass 2 (soft term, gradient) reads that copy
+// instead of global memory. Each thread re-reads only the elements it wrote itself, so the copy
+// needs no barrier. Row-count scales for "mean" come from a counting kernel on the same stream:
+// nothing synchronises with the host.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "kd_args.h"
+#include "kd_cuda_compat.h"
+#include "kd_cuda_plan.h"
+#include "kd_row_math.h"
+
+namespace kd::gpu {
+inline namespace KD_GPU_BUILD {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kBlockRowThreads = 512;    // threads of a block that owns one row
+constexpr int kWarpRowThreads = 256;     // threads of a block whose warps own one row each
+constexpr int64_t kWarpRowMaxClasses = 2048;
+constexpr int kCountThreads = 256;
+constexpr float kNegInf = -INFINITY;
+
+// Elements per vector access: 16 bytes of the wider of the two input types.
+template <typename S, typename Tt>
+constexpr int pack_width() {
+  return 16 / static_cast<int>(sizeof(S) > sizeof(Tt) ? sizeof(S) : sizeof(Tt));
+}
+
+template <typename T, int K>
+struct alignas(sizeof(T) * K) Pack {
+  T v[K];
+};
+
+// Elements per access for V elements of T: all of them, or 16 bytes' worth.
+template <typename T, int V>
+constexpr int chunk() {
+  return V * sizeof(T) <= 16 ? V : 16 / static_cast<int>(sizeof(T));
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void load(const T* p, float (&out)[V]) {
+  constexpr int K = chunk<T, V>();
+  KD_UNROLL
+  for (int c = 0; c < V; c += K) {
+    const Pack<T, K> pack = *reinterpret_cast<const Pack<T, K>*>(p + c);
+    KD_UNROLL
+    for (int k = 0; k < K; ++k) out[c + k] = to_f(pack.v[k]);
+  }
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store(T* p, const float (&in)[V]) {
+  constexpr int K = chunk<T, V>();
+  KD_UNROLL
+  for (int c = 0; c < V; c += K) {
+    Pack<T, K> pack;
+    KD_UNROLL
+    for (int k = 0; k < K; ++k) pack.v[k] = from_f<T>(in[c + k]);
+    *reinterpret_cast<Pack<T, K>*>(p + c) = pack;
+  }
+}
+
+// Online softmax state: running max m, sum l of exp(x - m) and, when kTempered, l_u, the sum of
+// exp((x - m) / T) (the student's softmax at temperature T shares its max with the one at 1).
+template <bool kTempered>
+struct Online {
+  float m = kNegInf, l = 0.f, l_u = 0.f;
+
+  template <int V>
+  __device__ void add(const float (&x)[V], float inv_t) {
+    float mx = x[0];
+    KD_UNROLL
+    for (int k = 1; k < V; ++k) mx = fmaxf(mx, x[k]);  // ignores NaN, which reaches l below
+    if (mx > m) rescale(mx, inv_t);
+    KD_UNROLL
+    for (int k = 0; k < V; ++k) {
+      if (x[k] == kNegInf) continue;  // exp(-inf - m) is 0, but -inf - -inf would be NaN
+      l += __expf(x[k] - m);
+      if constexpr (kTempered) l_u += __expf((x[k] - m) * inv_t);
+    }
+  }
+
+  __device__ void merge(const Online& o, float inv_t) {
+    const float mx = fmaxf(m, o.m);
+    if (mx == kNegInf) return;  // both empty
+    l = l * __expf(m - mx) + o.l * __expf(o.m - mx);
+    if constexpr (kTempered) l_u = l_u * __expf((m - mx) * inv_t) + o.l_u * __expf((o.m - mx) * inv_t);
+    m = mx;
+  }
+
+ private:
+  __device__ void rescale(float new_max, float inv_t) {
+    l *= __expf(m - new_max);
+    if constexpr (kTempered) l_u *= __expf((m - new_max) * inv_t);
+    m = new_max;
+  }
+};
+
+template <bool kT>
+__device__ Online<kT> warp_merge(Online<kT> s, float inv_t) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    Online<kT> o;
+    o.m = __shfl_xor_sync(kFullMask, s.m, offset);
+    o.l = __shfl_xor_sync(kFullMask, s.l, offset);
+    if constexpr (kT) o.l_u = __shfl_xor_sync(kFullMask, s.l_u, offset);
+    s.merge(o, inv_t);  // commutative, so every lane ends with the same bits
+  }
+  return s;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// Group-wide merge and sum: every thread of the group gets the total. A block group goes
+// through `scratch` (3 floats per warp), which the previous reduction may still be reading.
+template <int kGroup, bool kT>
+__device__ Online<kT> group_merge(Online<kT> s, float inv_t, float* scratch) {
+  s = warp_merge(s, inv_t);
+  if constexpr (kGroup > kWarpSize) {
+    constexpr int kWarps = kGroup / kWarpSize;
+    const int warp = threadIdx.x / kWarpSize;
+    __syncthreads();
+    if (threadIdx.x % kWarpSize == 0) {
+      scratch[warp] = s.m;
+      scratch[kWarps + warp] = s.l;
+      scratch[2 * kWarps + warp] = s.l_u;
+    }
+    __syncthreads();
+    Online<kT> total;
+    for (int w = 0; w < kWarps; ++w) {
+      Online<kT> o;
+      o.m = scratch[w];
+      o.l = scratch[kWarps + w];
+      o.l_u = scratch[2 * kWarps + w];
+      total.merge(o, inv_t);
+    }
+    s = total;
+  }
+  return s;
+}
+
+template <int kGroup>
+__device__ float group_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  if constexpr (kGroup > kWarpSize) {
+    __syncthreads();
+    if (threadIdx.x % kWarpSize == 0) scratch[threadIdx.x / kWarpSize] = v;
+    __syncthreads();
+    v = 0.f;
+    for (int w = 0; w < kGroup / kWarpSize; ++w) v += scratch[w];
+  }
+  return v;
+}
+
+template <int kGroup>
+__device__ __forceinline__ void group_sync() {
+  if constexpr (kGroup > kWarpSize) {
+    __syncthreads();
+  } else {
+    __syncwarp();
+  }
+}
+
+template <typename Tt>
+__device__ __forceinline__ const Tt* teacher_row(const KDArgs& a, int m, int64_t row) {
+  return static_cast<const Tt*>(a.teachers[m]) + row * a.teacher_row_strides[m];
+}
+
+// z = sum_m w_m t_m / T for V classes starting at j (geometric ensemble).
+template <int V, typename Tt>
+__device__ __forceinline__ void geometric_z(const KDArgs& a, int64_t row, int64_t j, float inv_t,
+                                            float (&z)[V]) {
+  KD_UNROLL
+  for (int k = 0; k < V; ++k) z[k] = 0.f;
+  for (int m = 0; m < a.num_teachers; ++m) {
+    const float w = static_cast<float>(a.teacher_weights[m]);
+    if (w == 0.f) continue;
+    float t[V];
+    load<V>(teacher_row<Tt>(a, m, row) + j, t);
+    KD_UNROLL
+    for (int k = 0; k < V; ++k) z[k] += w * t[k];
+  }
+  KD_UNROLL
+  for (int k = 0; k < V; ++k) z[k] *= inv_t;
+}
+
+constexpr size_t align16(size_t bytes) { return (bytes + 15) & ~size_t(15); }
+
+// Shared-memory copy of a row: the student in its own dtype, then the combined teacher logits z
+// (geometric, float) or every member's row (arithmetic, teacher dtype).
+template <typename S, typename Tt>
+__host__ __device__ inline size_t row_cache_bytes(const KDArgs& a) {
+  const size_t C = static_cast<size_t>(a.num_classes);
+  const size_t teachers = a.ensemble == Ensemble::kGeometric ? C * sizeof(float)
+                                                             : C * sizeof(Tt) * a.num_teachers;
+  return align16(C * sizeof(S)) + align16(teachers);
+}
+
+__global__ void count_rows_kernel(KDArgs a, unsigned long long* counts) {
+  unsigned long long soft = 0, hard = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < a.num_rows;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const RowRole role = row_role(a, a.labels ? a.labels[i] : 0);
+    soft += role.soft;
+    hard += role.hard;
+  }
+  if (soft) atomicAdd(counts, soft);
+  if (hard) atomicAdd(counts + 1, hard);
+}
+
+// One row per group of kGroup threads, V classes per access. `cache_row`: pass 1 copies the row
+// into dynamic shared memory (row_cache_bytes of it) and pass 2 reads it from there.
+template <typename S, typename Tt, int kThreads, int kGroup, int V>
+__global__ void __launch_bounds__(kThreads)
+    kd_fwd_kernel(KDArgs a, const unsigned long long* counts, bool cache_row) {
+  static_assert(kThreads % kGroup == 0 && kGroup % kWarpSize == 0, "groups are whole warps");
+  constexpr int kRows = kThreads / kGroup;
+  __shared__ float scratch[3 * (kGroup / kWarpSize)];
+  __shared__ float member_stats[kRows][2 * kMaxTeachers];  // arithmetic: each member's (max, sum)
+
+  const int group = threadIdx.x / kGroup, rank = threadIdx.x % kGroup;
+  const int64_t row = int64_t(blockIdx.x) * kRows + group;
+  if (row >= a.num_rows) return;  // a whole group: only the last block of warp rows has these
+  const int64_t C = a.num_classes;
+  const int64_t label = a.labels ? a.labels[row] : 0;
+  const RowRole role = row_role(a, label);  // the same for the whole group: no divergence
+  float* loss = static_cast<float*>(a.row_loss) + row;
+  S* grad = a.grad ? static_cast<S*>(a.grad) + row * C : nullptr;
+  if (role.bad || (!role.soft && !role.hard)) {
+    const float v = role.bad ? NAN : 0.f;
+    if (rank == 0) *loss = v;
+    if (grad)
+      for (int64_t j = rank; j < C; j += kGroup) grad[j] = from_f<S>(v);
+    return;
+  }
+  const TermScales scales = term_scales(a, static_cast<int64_t>(counts[0]), static_cast<int64_t>(counts[1]));
+  const S* s_row = static_cast<const S*>(a.student) + row * a.student_row_stride;
+  const float inv_t = 1.f / static_cast<float>(a.temperature);
+  const bool geometric = a.ensemble == Ensemble::kGeometric;
+  const int64_t first = int64_t(rank) * V, step = int64_t(kGroup) * V;
+
+  unsigned char* smem = dynamic_smem();
+  S* s_cache = cache_row ? reinterpret_cast<S*>(smem) : nullptr;
+  unsigned char* teacher_smem = smem + align16(C * sizeof(S));
+  float* z_cache = cache_row && geometric ? reinterpret_cast<float*>(teacher_smem) : nullptr;
+  Tt* t_cache = cache_row && !geometric ? reinterpret_cast<Tt*>(teacher_smem) : nullptr;
+
+  // Pass 1: online statistics (and the shared-memory copy of the row).
+  Online<true> st;
+  Online<false> zt;
+  for (int64_t j = first; j < C; j += step) {
+    float s[V];
+    load<V>(s_row + j, s);
+    if (s_cache) store<V>(s_cache + j, s);
+    st.add(s, inv_t);
+    if (role.soft && geometric) {
+      float z[V];
+      geometric_z<V, Tt>(a, row, j, inv_t, z);
+      if (z_cache) store<V>(z_cache + j, z);
+      zt.add(z, 1.f);
+    }
+  }
+  st = group_merge<kGroup>(st, inv_t, scratch);
+  if (role.soft && geometric) zt = group_merge<kGroup>(zt, 1.f, scratch);
+  if (role.soft && !geometric) {  // one sweep per member: each has its own softmax
+    for (int m = 0; m < a.num_teachers; ++m) {
+      if (a.teacher_weights[m] == 0.0) continue;
+      const Tt* t_row = teacher_row<Tt>(a, m, row);
+      Online<false> mt;
+      for (int64_t j = first; j < C; j += step) {
+        float t[V];
+        load<V>(t_row + j, t);
+        if (t_cache) store<V>(t_cache + m * C + j, t);
+        KD_UNROLL
+        for (int k = 0; k < V; ++k) t[k] *= inv_t;
+        mt.add(t, 1.f);
+      }
+      mt = group_merge<kGroup>(mt, 1.f, scratch);
+      if (rank == 0) {
+        member_stats[group][2 * m] = mt.m;
+        member_stats[group][2 * m + 1] = mt.l;
+      }
+    }
+    group_sync<kGroup>();
+  }
+
+  // Pass 2: the soft term and the gradient, from the shared-memory copy when there is one.
+  const float m_s = st.m, log_ls = __logf(st.l), m_u = m_s * inv_t, log_lu = __logf(st.l_u);
+  const float m_z = zt.m, log_lz = __logf(zt.l);
+  const float cs = role.soft ? static_cast<float>(scales.soft_grad) : 0.f;
+  const float ch = role.hard ? static_cast<float>(scales.hard_grad) : 0.f;
+  const bool kl = a.soft_loss == SoftLoss::kKL;
+  const S* s_src = s_cache ? s_cache : s_row;
+  float soft_sum = 0.f;
+  for (int64_t j = first; j < C; j += step) {
+    float s[V], p[V], log_p[V];
+    load<V>(s_src + j, s);
+    if (role.soft && geometric) {
+      if (z_cache) {
+        load<V>(z_cache + j, log_p);
+      } else {
+        geometric_z<V, Tt>(a, row, j, inv_t, log_p);
+      }
+      KD_UNROLL
+      for (int k = 0; k < V; ++k) {
+        log_p[k] = log_p[k] - m_z - log_lz;
+        p[k] = __expf(log_p[k]);
+      }
+    } else if (role.soft) {
+      KD_UNROLL
+      for (int k = 0; k < V; ++k) p[k] = 0.f;
+      for (int m = 0; m < a.num_teachers; ++m) {
+        const float w = static_cast<float>(a.teacher_weights[m]);
+        if (w == 0.f) continue;
+        const float scale = w / member_stats[group][2 * m + 1], max_m = member_stats[group][2 * m];
+        float t[V];
+        load<V>(t_cache ? t_cache + m * C + j : teacher_row<Tt>(a, m, row) + j, t);
+        KD_UNROLL
+        for (int k = 0; k < V; ++k) p[k] += scale * __expf(t[k] * inv_t - max_m);
+      }
+      KD_UNROLL
+      for (int k = 0; k < V; ++k) log_p[k] = __logf(p[k]);
+    }
+    float g[V];
+    KD_UNROLL
+    for (int k = 0; k < V; ++k) {
+      g[k] = 0.f;
+      if (role.soft) {
+        const float log_q = s[k] * inv_t - m_u - log_lu;
+        soft_sum += weighted_or_zero(p[k], kl ? log_p[k] - log_q : -log_q);
+        g[k] = cs * (__expf(log_q) - p[k]);
+      }
+      if (role.hard) g[k] += ch * (__expf(s[k] - m_s - log_ls) - (j + k == label ? 1.f : 0.f));
+    }
+    if (grad) store<V>(grad + j, g);
+  }
+  soft_sum = group_sum<kGroup>(soft_sum, scratch);
+  if (rank == 0) {
+    float v = 0.f;
+    if (role.soft) v += static_cast<float>(scales.soft_loss) * soft_sum;
+    if (role.hard) v += static_cast<float>(scales.hard_loss) * hard_term(m_s, st.l, to_f(s_row[label]));
+    *loss = v;
+  }
+}
+
+template <typename T>
+bool rows_aligned(const void* base, int64_t row_stride, int width) {
+  return reinterpret_cast<uintptr_t>(base) % (sizeof(T) * width) == 0 && row_stride % width == 0;
+}
+
+// `cache_limit`: the dynamic shared memory one block may use (0 disables the row copy).
+template <typename S, typename Tt>
+LaunchPlan plan_launch(const KDArgs& a, size_t cache_limit) {
+  constexpr int V = pack_width<S, Tt>();
+  const int64_t C = a.num_classes;
+  bool vectorized = C % V == 0 && rows_aligned<S>(a.student, a.student_row_stride, V) &&
+                    (a.grad == nullptr || rows_aligned<S>(a.grad, C, V));
+  for (int m = 0; m < a.num_teachers; ++m)
+    vectorized = vectorized && rows_aligned<Tt>(a.teachers[m], a.teacher_row_strides[m], V);
+  LaunchPlan plan{};
+  plan.warp_rows = C <= kWarpRowMaxClasses;
+  plan.vectorized = vectorized;
+  if (plan.warp_rows) {
+    constexpr int64_t rows_per_block = kWarpRowThreads / kWarpSize;
+    plan.blocks = static_cast<unsigned>((a.num_rows + rows_per_block - 1) / rows_per_block);
+    plan.threads = kWarpRowThreads;
+  } else {
+    plan.blocks = static_cast<unsigned>(a.num_rows);
+    plan.threads = kBlockRowThreads;
+    const size_t bytes = row_cache_bytes<S, Tt>(a);
+    plan.cache_bytes = bytes <= cache_limit ? bytes : 0;
+  }
+  return plan;
+}
+
+// The kernel instance a plan runs; `launch(kernel, plan)` launches it on the GPU or emulator.
+template <typename S, typename Tt, typename Launch>
+const char* launch_planned(const KDArgs& a, size_t cache_limit, Launch&& launch) {
+  constexpr int V = pack_width<S, Tt>();
+  const LaunchPlan p = plan_launch<S, Tt>(a, cache_limit);
+  if (p.warp_rows) {
+    return p.vectorized ? launch(kd_fwd_kernel<S, Tt, kWarpRowThreads, kWarpSize, V>, p)
+                        : launch(kd_fwd_kernel<S, Tt, kWarpRowThreads, kWarpSize, 1>, p);
+  }
+  return p.vectorized ? launch(kd_fwd_kernel<S, Tt, kBlockRowThreads, kBlockRowThreads, V>, p)
+                      : launch(kd_fwd_kernel<S, Tt, kBlockRowThreads, kBlockRowThreads, 1>, p);
+}
+
+template <typename S, typename Launch>
+const char* launch_for_teacher(const KDArgs& a, size_t cache_limit, Launch&& launch) {
+  switch (a.teacher_dtype) {
+    case DType::kFloat32: return launch_planned<S, float>(a, cache_limit, launch);
+    case DType::kFloat16: return launch_planned<S, f16>(a, cache_limit, launch);
+    case DType::kBFloat16: return launch_planned<S, bf16>(a, cache_limit, launch);
+    case DType::kFloat64: break;
+  }
+  return "the CUDA kernel takes float32/float16/bfloat16 teachers";
+}
+
+// Chooses the kernel for the dtypes and layout of `a` and hands it to `launch`.
+template <typename Launch>
+const char* launch_fused(const KDArgs& a, size_t cache_limit, Launch&& launch) {
+  switch (a.student_dtype) {
+    case DType::kFloat32: return launch_for_teacher<float>(a, cache_limit, launch);
+    case DType::kFloat16: return launch_for_teacher<f16>(a, cache_limit, launch);
+    case DType::kBFloat16: return launch_for_teacher<bf16>(a, cache_limit, launch);
+    case DType::kFloat64: break;
+  }
+  return "the CUDA kernel takes float32/float16/bfloat16 students";
+}
+
+inline unsigned count_blocks(const KDArgs& a) {
+  const int64_t blocks = (a.num_rows + kCountThreads - 1) / kCountThreads;
+  return static_cast<unsigned>(blocks < 64 ? blocks : 64);
+}
+
+}  // namespace KD_GPU_BUILD
+}  // namespace kd::gpu
