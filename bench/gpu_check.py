@@ -2,10 +2,14 @@
 forward+backward against eager PyTorch, torch.compile (and Liger-Kernel when importable), with
 achieved bandwidth as a fraction of a device-to-device copy measured in the same run.
 
-    pip install '.[triton,bench]' && python bench/gpu_check.py            # N=8192 C=128256 bf16
-    python bench/gpu_check.py --n 4096 --c 32000 --dtype float32 --m 4
+    pip install '.[test,triton,bench]' && python bench/gpu_check.py
+    python bench/gpu_check.py --n 4096 --c 32000 --dtype float32 --m 4     # one case
 
-On a machine without a GPU it says so (and why, per backend) and exits with status 2.
+By default it runs four cases that take the CUDA kernel's different paths: a 128k vocabulary
+(block per row, the row re-read through L2), a 32k vocabulary in bfloat16 (the row copied into
+shared memory; also timed with the copy off, "kdkernels-cuda-no-smem-row"), an ensemble of four
+in float32, and 1000 classes (a warp per row). On a machine without a GPU it says so (and why,
+per backend) and exits with status 2.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ import torch
 import kdkernels as kd
 from kdkernels.bench import Case, format_table, run
 from kdkernels.reference import kd_loss_reference
+
+DEFAULT_CASES = [
+    Case(8192, 128256, 1, "bfloat16"),
+    Case(4096, 32000, 1, "bfloat16"),
+    Case(4096, 32000, 4, "float32"),
+    Case(65536, 1000, 1, "float32"),
+]
 
 
 def check(case: Case, backend: str) -> tuple[float, float]:
@@ -37,7 +48,7 @@ def check(case: Case, backend: str) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--n", type=int, help="one case of this many rows (default: four cases)")
     parser.add_argument("--c", type=int, default=128256)
     parser.add_argument("--m", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -52,20 +63,21 @@ def main() -> int:
         return 2
     versions = f"torch {torch.__version__}, kdkernels {kd.__version__}"
     print(f"device: {torch.cuda.get_device_name()}, {versions}")
-    cases = [
-        Case(args.n, args.c, args.m, args.dtype),
-        Case(args.n, args.c, args.m, args.dtype, False),
-    ]
+    cases = DEFAULT_CASES
+    if args.n is not None:
+        cases = [Case(args.n, args.c, args.m, args.dtype)]
     print("\ncorrectness at full size (relative error vs the float32 GPU reference):")
     ok = True
-    for name, status in gpu.items():
-        if not status.available:
-            print(f"  {name}: not run ({status.reason})")
-            continue
-        loss_err, grad_err = check(cases[0], name)
-        good = loss_err < 1e-2 and grad_err < 1e-2
-        ok &= good
-        print(f"  {name}: loss {loss_err:.2e}, gradient {grad_err:.2e} {'ok' if good else 'FAIL'}")
+    for case in cases:
+        for name, status in gpu.items():
+            if not status.available:
+                print(f"  {case.name} {name}: not run ({status.reason})")
+                continue
+            loss_err, grad_err = check(case, name)
+            good = loss_err < 1e-2 and grad_err < 1e-2
+            ok &= good
+            verdict = "ok" if good else "FAIL"
+            print(f"  {case.name} {name}: loss {loss_err:.2e}, gradient {grad_err:.2e} {verdict}")
     print(
         "\ntiming (median of repeats; 'GB/s' over the minimal bytes; '/ floor' = time over the "
         "time to move those bytes at the measured device-to-device copy bandwidth):"

@@ -20,13 +20,11 @@ struct DeviceGuard {
   }
 };
 
-// KDKERNELS_CUDA_ROW_CACHE=0 turns the shared-memory row copy off (to measure what it buys).
+// KDKERNELS_CUDA_ROW_CACHE=0 turns the shared-memory row copy off, to measure what it buys
+// (read on every call, so a benchmark can compare both in one process).
 bool row_cache_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("KDKERNELS_CUDA_ROW_CACHE");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return enabled;
+  const char* v = std::getenv("KDKERNELS_CUDA_ROW_CACHE");
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 using FusedKernel = void (*)(KDArgs, const unsigned long long*, bool);

@@ -137,11 +137,27 @@ def providers(device: str = "cpu") -> dict[str, Callable[[Tensor, Tensor, Tensor
         serves = "cpu" if name == "cpu" else "cuda"
         if status.available and name != "torch" and serves == device:
             found[f"kdkernels-{name}"] = _kdkernels_provider(name)
+    if "kdkernels-cuda" in found:
+        found["kdkernels-cuda-no-smem-row"] = _without_row_cache(found["kdkernels-cuda"])
     if device == "cuda":
         liger = _liger_provider()
         if liger is not None:
             found["liger"] = liger
     return found
+
+
+def _without_row_cache(fn: Callable[[Tensor, Tensor, Tensor], Tensor]):
+    """The CUDA kernel with its shared-memory row copy turned off: pass 2 re-reads the row
+    through L2, to measure what the copy buys."""
+
+    def loss(student: Tensor, teachers: Tensor, labels: Tensor) -> Tensor:
+        os.environ["KDKERNELS_CUDA_ROW_CACHE"] = "0"
+        try:
+            return fn(student, teachers, labels)
+        finally:
+            del os.environ["KDKERNELS_CUDA_ROW_CACHE"]
+
+    return loss
 
 
 def _liger_provider() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
