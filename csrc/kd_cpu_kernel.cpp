@@ -359,7 +359,11 @@ void run(const KDArgs& a) {
     hard_rows += role.hard;
   }
   const TermScales scales = term_scales(a, soft_rows, hard_rows);
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N)));
+  // Waking a thread costs microseconds: small problems (a classification batch) run on fewer.
+  constexpr int64_t kMinElementsPerThread = int64_t(1) << 15;
+  const int64_t work = N * C * (1 + a.num_teachers);
+  const int64_t useful = std::max<int64_t>(1, std::min<int64_t>(N, work / kMinElementsPerThread));
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(a.num_threads, 1), useful));
   std::vector<Acc> workspace(static_cast<size_t>(threads) * 4 * static_cast<size_t>(C));
 
 #pragma omp parallel num_threads(threads)

@@ -293,11 +293,12 @@ if triton is not None:
 
 def triton_row_losses(problem: Problem) -> Tensor:
     """Run the Triton op on a validated problem; returns the per-row losses [N]."""
-    from ._ops import op_arguments, register_fused_autograd
+    from ._ops import call_fused, op_arguments, register_fused_autograd
 
     register_fused_autograd(fused_kd_triton)
     student = problem.student
     weights = torch.tensor(problem.weights, dtype=torch.float32, device=student.device)
     teachers = _stacked_teachers(problem.teachers)
-    row_loss, _ = fused_kd_triton(*op_arguments(problem, student, teachers, weights))
+    args = op_arguments(problem, student, teachers, weights)
+    row_loss, _ = call_fused(fused_kd_triton, _fused_kd_triton_impl, args)
     return row_loss
