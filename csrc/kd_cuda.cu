@@ -27,7 +27,58 @@ bool row_cache_enabled() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
-using FusedKernel = void (*)(KDArgs, const unsigned long long*, bool);
+using FusedKernel = void (*)(KDArgs, const unsigned long long*, LaunchPlan);
+
+gpu::DeviceLimits device_limits(int device, const char** error) {
+  gpu::DeviceLimits limits;
+  int smem = 0, major = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) *error = cudaGetErrorString(err);
+  limits.smem_per_block = row_cache_enabled() ? static_cast<size_t>(smem) : 0;
+  limits.max_cluster = major >= 9 ? 8 : 1;  // clusters of up to 8 blocks are portable on sm_90+
+  return limits;
+}
+
+// Launches one planned kernel. A cluster the device cannot co-schedule (checked with the
+// occupancy API) falls back to a block per row that re-reads the row through L2.
+const char* launch_kernel(FusedKernel kernel, LaunchPlan plan, const KDArgs& a,
+                          const unsigned long long* counts, cudaStream_t stream) {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute cluster = {};
+  const auto configure = [&] {
+    config.gridDim = dim3(plan.blocks);
+    config.blockDim = dim3(plan.threads);
+    config.dynamicSmemBytes = plan.smem_bytes;
+    config.stream = stream;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = static_cast<unsigned>(plan.cluster);
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = plan.cluster > 1 ? &cluster : nullptr;
+    config.numAttrs = plan.cluster > 1 ? 1 : 0;
+  };
+  constexpr size_t kDefaultSmemLimit = 48 << 10;
+  if (plan.smem_bytes > kDefaultSmemLimit) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(plan.smem_bytes));
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+  }
+  configure();
+  if (plan.cluster > 1) {
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters == 0) {
+      cudaGetLastError();  // clear the failed query
+      plan.blocks /= static_cast<unsigned>(plan.cluster);
+      plan.cluster = 1;
+      plan.cache_row = false;
+      plan.smem_bytes = gpu::SmemLayout::of(plan.threads, plan.threads).row;
+      configure();
+    }
+  }
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, a, counts, plan);
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
 
 }  // namespace
 
@@ -40,29 +91,12 @@ const char* kd_forward_cuda(const KDArgs& a, void* stream_handle, int device, vo
   cudaError_t err = cudaMemsetAsync(counts, 0, 2 * sizeof(unsigned long long), stream);
   if (err != cudaSuccess) return cudaGetErrorString(err);
   gpu::count_rows_kernel<<<gpu::count_blocks(a), gpu::kCountThreads, 0, stream>>>(a, counts);
-
-  int cache_limit = 0;  // the most dynamic shared memory a block may opt in to
-  if (row_cache_enabled()) {
-    err = cudaDeviceGetAttribute(&cache_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-  }
-  const char* problem = gpu::launch_fused(
-      a, static_cast<size_t>(cache_limit), [&](FusedKernel kernel, LaunchPlan plan) -> const char* {
-        if (plan.cache_bytes > 0) {
-          cudaFuncAttributes attributes;
-          cudaError_t e = cudaFuncGetAttributes(&attributes, kernel);
-          if (e != cudaSuccess) return cudaGetErrorString(e);
-          if (plan.cache_bytes + attributes.sharedSizeBytes > static_cast<size_t>(cache_limit)) {
-            plan.cache_bytes = 0;  // the static shared memory leaves too little for the row
-          } else if (plan.cache_bytes > static_cast<size_t>(attributes.maxDynamicSharedSizeBytes)) {
-            e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(plan.cache_bytes));
-            if (e != cudaSuccess) return cudaGetErrorString(e);
-          }
-        }
-        kernel<<<plan.blocks, plan.threads, plan.cache_bytes, stream>>>(a, counts, plan.cache_bytes > 0);
-        return nullptr;
-      });
+  const char* problem = nullptr;
+  const gpu::DeviceLimits limits = device_limits(device, &problem);
+  if (problem != nullptr) return problem;
+  problem = gpu::launch_fused(a, limits, [&](FusedKernel kernel, const LaunchPlan& plan) {
+    return launch_kernel(kernel, plan, a, counts, stream);
+  });
   if (problem != nullptr) return problem;
   err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

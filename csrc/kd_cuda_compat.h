@@ -7,6 +7,7 @@
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #else
 #include "kd_cuda_emulator.h"
@@ -53,6 +54,35 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
   extern __shared__ __align__(16) unsigned char kd_dynamic_smem[];
   return kd_dynamic_smem;
 }
+
+// Thread block clusters (sm_90+; the host launches clusters only there, so the fallbacks for
+// older architectures are never reached with a cluster of more than one block).
+__device__ __forceinline__ unsigned cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().block_rank();
+#else
+  return 0;
+#endif
+}
+
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#else
+  __syncthreads();
+#endif
+}
+
+// The address of `p` (in this block's shared memory) in the shared memory of block `rank`.
+template <typename T>
+__device__ __forceinline__ T* cluster_map(T* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+  (void)rank;
+  return p;
+#endif
+}
 #else
 using f16 = Half;
 using bf16 = BFloat16;
@@ -67,6 +97,12 @@ inline S from_f(float v) {
 }
 
 inline unsigned char* dynamic_smem() { return emu::dynamic_shared_memory(); }
+inline unsigned cluster_rank() { return emu::cluster_rank(); }
+inline void cluster_sync() { emu::sync_cluster(); }
+template <typename T>
+inline T* cluster_map(T* p, unsigned rank) {
+  return reinterpret_cast<T*>(emu::map_shared_rank(reinterpret_cast<unsigned char*>(p), rank));
+}
 #endif
 
 }  // namespace KD_GPU_BUILD

@@ -2,8 +2,10 @@
 // shuffles, barriers, shared memory, vector loads) is tested on machines without a GPU. It is
 // included instead of the CUDA headers when kd_cuda_kernel.cuh is compiled by the host compiler.
 //
-// Every thread of a block is a fiber (ucontext) on the calling OS thread; a block runs to
-// completion before the next one starts, so `__shared__` variables can be function statics.
+// Every thread of a block is a fiber (ucontext) on the calling OS thread; the blocks of one
+// thread block cluster run together (they wait for each other), clusters one after another.
+// Shared memory is the dynamic kind only, one buffer per block, since the blocks of a cluster
+// run at once (a function-static `__shared__` would be shared between them).
 // Barriers and shuffles switch fibers cooperatively. Three contract violations are reported
 // instead of hanging or passing silently: a barrier no fiber can ever pass (a __syncthreads or
 // shuffle some threads skip), a thread that exits while others wait for it at __syncthreads,
@@ -27,20 +29,24 @@ inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static
 #define __launch_bounds__(threads)
 
 namespace kd::emu {
 
-// Runs `kernel` for every block of `grid` with `block` threads (1-D launches only) and
-// `dynamic_smem` bytes of dynamic shared memory. Returns nullptr, or what went wrong.
-const char* launch(dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& kernel);
+// Runs `kernel` for every block of `grid` with `block` threads (1-D launches only),
+// `dynamic_smem` bytes of dynamic shared memory per block and `cluster` blocks per cluster.
+// Returns nullptr, or what went wrong.
+const char* launch(dim3 grid, dim3 block, size_t dynamic_smem, const std::function<void()>& kernel,
+                   unsigned cluster = 1);
 
 // Device-side primitives, valid only inside a kernel run by launch().
 void sync_threads();
 void sync_warp();
+void sync_cluster();
 uint32_t shuffle_xor_bits(uint32_t value, int lane_mask);
 unsigned char* dynamic_shared_memory();
+unsigned cluster_rank();
+unsigned char* map_shared_rank(unsigned char* address, unsigned rank);
 
 }  // namespace kd::emu
 

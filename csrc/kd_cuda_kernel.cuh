@@ -2,7 +2,10 @@
 // compiles the same source against the emulator in kd_cuda_emulated.cpp for the CPU tests.
 //
 // A row is handled by a group of threads: a whole block (512 threads) for long rows, one warp
-// for rows of at most 2048 classes (8 rows per block, so short rows keep many rows in flight).
+// for rows of at most 2048 classes (8 rows per block, so short rows keep many rows in flight),
+// and a thread block cluster (sm_90) for rows too long for one block's shared memory: each block
+// of the cluster owns a span of the row and the blocks merge their statistics through
+// distributed shared memory.
 // Pass 1 reads the row once with 16-byte loads where the layout allows and keeps per-thread
 // online softmax states (max and sum) of the student at T and at 1 and of the teachers, merged
 // across the group by warp shuffles (and shared memory across warps). When the row fits, pass 1
@@ -28,7 +31,6 @@ constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kBlockRowThreads = 512;    // threads of a block that owns one row
 constexpr int kWarpRowThreads = 256;     // threads of a block whose warps own one row each
-constexpr int64_t kWarpRowMaxClasses = 2048;
 constexpr int kCountThreads = 256;
 constexpr float kNegInf = -INFINITY;
 
@@ -200,14 +202,42 @@ __device__ __forceinline__ void geometric_z(const KDArgs& a, int64_t row, int64_
 
 constexpr size_t align16(size_t bytes) { return (bytes + 15) & ~size_t(15); }
 
-// Shared-memory copy of a row: the student in its own dtype, then the combined teacher logits z
-// (geometric, float) or every member's row (arithmetic, teacher dtype).
+constexpr int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+// Dynamic shared memory of a block, in this order: the reduction scratch (3 floats per warp of a
+// group), each row's arithmetic-ensemble member statistics (max, sum), the slots the blocks of a
+// cluster read each other's partial results from, then the optional copy of the row.
+struct SmemLayout {
+  static constexpr int kClusterSlots = 3 + 2 + 2 * kMaxTeachers + 1;  // st, zt, members, soft
+
+  size_t scratch, member_stats, cluster_slots, row;  // byte offsets
+
+  __host__ __device__ static constexpr SmemLayout of(int threads, int group) {
+    const size_t scratch_bytes = align16(sizeof(float) * 3 * (group / kWarpSize));
+    const size_t stats_bytes = align16(sizeof(float) * 2 * kMaxTeachers * (threads / group));
+    const size_t slot_bytes = align16(sizeof(float) * kClusterSlots);
+    return {0, scratch_bytes, scratch_bytes + stats_bytes, scratch_bytes + stats_bytes + slot_bytes};
+  }
+};
+
+// Bytes of the shared-memory copy of `len` classes of a row: the student in its own dtype, then
+// the combined teacher logits z (geometric, float) or every member's row (arithmetic).
 template <typename S, typename Tt>
-__host__ __device__ inline size_t row_cache_bytes(const KDArgs& a) {
-  const size_t C = static_cast<size_t>(a.num_classes);
-  const size_t teachers = a.ensemble == Ensemble::kGeometric ? C * sizeof(float)
-                                                             : C * sizeof(Tt) * a.num_teachers;
-  return align16(C * sizeof(S)) + align16(teachers);
+size_t row_copy_bytes(const KDArgs& a, int64_t len) {
+  const size_t n = static_cast<size_t>(len);
+  const size_t teachers = a.ensemble == Ensemble::kGeometric ? n * sizeof(float)
+                                                             : n * sizeof(Tt) * a.num_teachers;
+  return align16(n * sizeof(S)) + align16(teachers);
+}
+
+// The classes [begin, end) of a row that one block of a cluster owns (the whole row without one);
+// boundaries are multiples of V so every block's packs stay aligned.
+struct Span {
+  int64_t begin, end;
+};
+
+__host__ __device__ inline int64_t cluster_span_length(int64_t C, int cluster, int V) {
+  return round_up((C + cluster - 1) / cluster, V);
 }
 
 __global__ void count_rows_kernel(KDArgs a, unsigned long long* counts) {
@@ -222,77 +252,126 @@ __global__ void count_rows_kernel(KDArgs a, unsigned long long* counts) {
   if (hard) atomicAdd(counts + 1, hard);
 }
 
-// One row per group of kGroup threads, V classes per access. `cache_row`: pass 1 copies the row
-// into dynamic shared memory (row_cache_bytes of it) and pass 2 reads it from there.
+// Combines the partial states the blocks of a cluster left in their `slot` (same offset in every
+// block's shared memory): publish, one cluster barrier, read all. Each reduction has its own
+// slot, written once per row, so no second barrier is needed before reuse.
+template <bool kT>
+__device__ Online<kT> cluster_merge(Online<kT> s, float inv_t, float* slot, int cluster) {
+  if (threadIdx.x == 0) {
+    slot[0] = s.m;
+    slot[1] = s.l;
+    if constexpr (kT) slot[2] = s.l_u;
+  }
+  cluster_sync();
+  Online<kT> total;
+  for (int r = 0; r < cluster; ++r) {
+    const float* remote = cluster_map(slot, static_cast<unsigned>(r));
+    Online<kT> o;
+    o.m = remote[0];
+    o.l = remote[1];
+    if constexpr (kT) o.l_u = remote[2];
+    total.merge(o, inv_t);
+  }
+  return total;
+}
+
+__device__ inline float cluster_sum(float v, float* slot, int cluster) {
+  if (threadIdx.x == 0) *slot = v;
+  cluster_sync();
+  float total = 0.f;
+  for (int r = 0; r < cluster; ++r) total += *cluster_map(slot, static_cast<unsigned>(r));
+  return total;
+}
+
+// One row per group of kGroup threads (a warp, or the whole block), or, with plan.cluster > 1,
+// one row per cluster of blocks, each block owning a contiguous span of it. V classes per access.
 template <typename S, typename Tt, int kThreads, int kGroup, int V>
 __global__ void __launch_bounds__(kThreads)
-    kd_fwd_kernel(KDArgs a, const unsigned long long* counts, bool cache_row) {
+    kd_fwd_kernel(KDArgs a, const unsigned long long* counts, LaunchPlan plan) {
   static_assert(kThreads % kGroup == 0 && kGroup % kWarpSize == 0, "groups are whole warps");
   constexpr int kRows = kThreads / kGroup;
-  __shared__ float scratch[3 * (kGroup / kWarpSize)];
-  __shared__ float member_stats[kRows][2 * kMaxTeachers];  // arithmetic: each member's (max, sum)
-
+  constexpr SmemLayout kLayout = SmemLayout::of(kThreads, kGroup);
+  unsigned char* smem = dynamic_smem();
+  float* scratch = reinterpret_cast<float*>(smem + kLayout.scratch);
   const int group = threadIdx.x / kGroup, rank = threadIdx.x % kGroup;
-  const int64_t row = int64_t(blockIdx.x) * kRows + group;
+  float* member_stats = reinterpret_cast<float*>(smem + kLayout.member_stats) + group * 2 * kMaxTeachers;
+  float* slots = reinterpret_cast<float*>(smem + kLayout.cluster_slots);
+
+  const int cluster = plan.cluster;
+  const int64_t row = cluster > 1 ? int64_t(blockIdx.x) / cluster : int64_t(blockIdx.x) * kRows + group;
   if (row >= a.num_rows) return;  // a whole group: only the last block of warp rows has these
   const int64_t C = a.num_classes;
+  Span span{0, C};
+  if (cluster > 1) {
+    const int64_t len = cluster_span_length(C, cluster, V);
+    span.begin = len * cluster_rank() < C ? len * cluster_rank() : C;
+    span.end = span.begin + len < C ? span.begin + len : C;
+  }
   const int64_t label = a.labels ? a.labels[row] : 0;
-  const RowRole role = row_role(a, label);  // the same for the whole group: no divergence
+  const RowRole role = row_role(a, label);  // the same for the whole group or cluster
   float* loss = static_cast<float*>(a.row_loss) + row;
   S* grad = a.grad ? static_cast<S*>(a.grad) + row * C : nullptr;
+  const bool leader = rank == 0 && (cluster == 1 || cluster_rank() == 0);
   if (role.bad || (!role.soft && !role.hard)) {
     const float v = role.bad ? NAN : 0.f;
-    if (rank == 0) *loss = v;
+    if (leader) *loss = v;
     if (grad)
-      for (int64_t j = rank; j < C; j += kGroup) grad[j] = from_f<S>(v);
+      for (int64_t j = span.begin + rank; j < span.end; j += kGroup) grad[j] = from_f<S>(v);
     return;
   }
   const TermScales scales = term_scales(a, static_cast<int64_t>(counts[0]), static_cast<int64_t>(counts[1]));
   const S* s_row = static_cast<const S*>(a.student) + row * a.student_row_stride;
   const float inv_t = 1.f / static_cast<float>(a.temperature);
   const bool geometric = a.ensemble == Ensemble::kGeometric;
-  const int64_t first = int64_t(rank) * V, step = int64_t(kGroup) * V;
+  const int64_t first = span.begin + int64_t(rank) * V, step = int64_t(kGroup) * V;
 
-  unsigned char* smem = dynamic_smem();
-  S* s_cache = cache_row ? reinterpret_cast<S*>(smem) : nullptr;
-  unsigned char* teacher_smem = smem + align16(C * sizeof(S));
-  float* z_cache = cache_row && geometric ? reinterpret_cast<float*>(teacher_smem) : nullptr;
-  Tt* t_cache = cache_row && !geometric ? reinterpret_cast<Tt*>(teacher_smem) : nullptr;
+  // The row copy holds this block's span: class j is at j - span.begin.
+  const int64_t span_len = span.end - span.begin;
+  unsigned char* copy = smem + kLayout.row;
+  S* s_cache = plan.cache_row ? reinterpret_cast<S*>(copy) : nullptr;
+  unsigned char* teacher_copy = copy + align16(span_len * sizeof(S));
+  float* z_cache = plan.cache_row && geometric ? reinterpret_cast<float*>(teacher_copy) : nullptr;
+  Tt* t_cache = plan.cache_row && !geometric ? reinterpret_cast<Tt*>(teacher_copy) : nullptr;
 
   // Pass 1: online statistics (and the shared-memory copy of the row).
   Online<true> st;
   Online<false> zt;
-  for (int64_t j = first; j < C; j += step) {
+  for (int64_t j = first; j < span.end; j += step) {
     float s[V];
     load<V>(s_row + j, s);
-    if (s_cache) store<V>(s_cache + j, s);
+    if (s_cache) store<V>(s_cache + (j - span.begin), s);
     st.add(s, inv_t);
     if (role.soft && geometric) {
       float z[V];
       geometric_z<V, Tt>(a, row, j, inv_t, z);
-      if (z_cache) store<V>(z_cache + j, z);
+      if (z_cache) store<V>(z_cache + (j - span.begin), z);
       zt.add(z, 1.f);
     }
   }
   st = group_merge<kGroup>(st, inv_t, scratch);
-  if (role.soft && geometric) zt = group_merge<kGroup>(zt, 1.f, scratch);
+  if (cluster > 1) st = cluster_merge(st, inv_t, slots, cluster);
+  if (role.soft && geometric) {
+    zt = group_merge<kGroup>(zt, 1.f, scratch);
+    if (cluster > 1) zt = cluster_merge(zt, 1.f, slots + 3, cluster);
+  }
   if (role.soft && !geometric) {  // one sweep per member: each has its own softmax
     for (int m = 0; m < a.num_teachers; ++m) {
       if (a.teacher_weights[m] == 0.0) continue;
       const Tt* t_row = teacher_row<Tt>(a, m, row);
       Online<false> mt;
-      for (int64_t j = first; j < C; j += step) {
+      for (int64_t j = first; j < span.end; j += step) {
         float t[V];
         load<V>(t_row + j, t);
-        if (t_cache) store<V>(t_cache + m * C + j, t);
+        if (t_cache) store<V>(t_cache + m * span_len + (j - span.begin), t);
         KD_UNROLL
         for (int k = 0; k < V; ++k) t[k] *= inv_t;
         mt.add(t, 1.f);
       }
       mt = group_merge<kGroup>(mt, 1.f, scratch);
+      if (cluster > 1) mt = cluster_merge(mt, 1.f, slots + 5 + 2 * m, cluster);
       if (rank == 0) {
-        member_stats[group][2 * m] = mt.m;
-        member_stats[group][2 * m + 1] = mt.l;
+        member_stats[2 * m] = mt.m;
+        member_stats[2 * m + 1] = mt.l;
       }
     }
     group_sync<kGroup>();
@@ -304,14 +383,14 @@ __global__ void __launch_bounds__(kThreads)
   const float cs = role.soft ? static_cast<float>(scales.soft_grad) : 0.f;
   const float ch = role.hard ? static_cast<float>(scales.hard_grad) : 0.f;
   const bool kl = a.soft_loss == SoftLoss::kKL;
-  const S* s_src = s_cache ? s_cache : s_row;
   float soft_sum = 0.f;
-  for (int64_t j = first; j < C; j += step) {
+  for (int64_t j = first; j < span.end; j += step) {
+    const int64_t o = j - span.begin;  // position in the row copy
     float s[V], p[V], log_p[V];
-    load<V>(s_src + j, s);
+    load<V>(s_cache ? s_cache + o : s_row + j, s);
     if (role.soft && geometric) {
       if (z_cache) {
-        load<V>(z_cache + j, log_p);
+        load<V>(z_cache + o, log_p);
       } else {
         geometric_z<V, Tt>(a, row, j, inv_t, log_p);
       }
@@ -326,9 +405,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int m = 0; m < a.num_teachers; ++m) {
         const float w = static_cast<float>(a.teacher_weights[m]);
         if (w == 0.f) continue;
-        const float scale = w / member_stats[group][2 * m + 1], max_m = member_stats[group][2 * m];
+        const float scale = w / member_stats[2 * m + 1], max_m = member_stats[2 * m];
         float t[V];
-        load<V>(t_cache ? t_cache + m * C + j : teacher_row<Tt>(a, m, row) + j, t);
+        load<V>(t_cache ? t_cache + m * span_len + o : teacher_row<Tt>(a, m, row) + j, t);
         KD_UNROLL
         for (int k = 0; k < V; ++k) p[k] += scale * __expf(t[k] * inv_t - max_m);
       }
@@ -349,7 +428,11 @@ __global__ void __launch_bounds__(kThreads)
     if (grad) store<V>(grad + j, g);
   }
   soft_sum = group_sum<kGroup>(soft_sum, scratch);
-  if (rank == 0) {
+  if (cluster > 1) {
+    soft_sum = cluster_sum(soft_sum, slots + SmemLayout::kClusterSlots - 1, cluster);
+    cluster_sync();  // no block leaves while another may still read its slots
+  }
+  if (leader) {
     float v = 0.f;
     if (role.soft) v += static_cast<float>(scales.soft_loss) * soft_sum;
     if (role.hard) v += static_cast<float>(scales.hard_loss) * hard_term(m_s, st.l, to_f(s_row[label]));
@@ -362,36 +445,56 @@ bool rows_aligned(const void* base, int64_t row_stride, int width) {
   return reinterpret_cast<uintptr_t>(base) % (sizeof(T) * width) == 0 && row_stride % width == 0;
 }
 
-// `cache_limit`: the dynamic shared memory one block may use (0 disables the row copy).
+// What the device offers a launch: the dynamic shared memory one block may use (0 turns the
+// row copy off) and the largest thread block cluster (1: none, before sm_90). Rows of at most
+// warp_row_max_classes get a warp each (the tests lower it to run every case on block rows).
+struct DeviceLimits {
+  size_t smem_per_block = 0;
+  int max_cluster = 1;
+  int64_t warp_row_max_classes = 2048;
+};
+
 template <typename S, typename Tt>
-LaunchPlan plan_launch(const KDArgs& a, size_t cache_limit) {
+LaunchPlan plan_launch(const KDArgs& a, const DeviceLimits& limits) {
   constexpr int V = pack_width<S, Tt>();
   const int64_t C = a.num_classes;
   bool vectorized = C % V == 0 && rows_aligned<S>(a.student, a.student_row_stride, V) &&
                     (a.grad == nullptr || rows_aligned<S>(a.grad, C, V));
   for (int m = 0; m < a.num_teachers; ++m)
     vectorized = vectorized && rows_aligned<Tt>(a.teachers[m], a.teacher_row_strides[m], V);
-  LaunchPlan plan{};
-  plan.warp_rows = C <= kWarpRowMaxClasses;
+  LaunchPlan plan;
+  plan.warp_rows = C <= limits.warp_row_max_classes;
   plan.vectorized = vectorized;
   if (plan.warp_rows) {
     constexpr int64_t rows_per_block = kWarpRowThreads / kWarpSize;
     plan.blocks = static_cast<unsigned>((a.num_rows + rows_per_block - 1) / rows_per_block);
     plan.threads = kWarpRowThreads;
-  } else {
-    plan.blocks = static_cast<unsigned>(a.num_rows);
-    plan.threads = kBlockRowThreads;
-    const size_t bytes = row_cache_bytes<S, Tt>(a);
-    plan.cache_bytes = bytes <= cache_limit ? bytes : 0;
+    plan.smem_bytes = SmemLayout::of(kWarpRowThreads, kWarpSize).row;
+    return plan;
   }
+  // A long row: one block, or the smallest cluster whose blocks' spans fit in shared memory.
+  const size_t header = SmemLayout::of(kBlockRowThreads, kBlockRowThreads).row;
+  const int width = vectorized ? V : 1;
+  for (int cluster = 1; cluster <= limits.max_cluster; cluster *= 2) {
+    const size_t bytes = header + row_copy_bytes<S, Tt>(a, cluster_span_length(C, cluster, width));
+    if (bytes <= limits.smem_per_block && a.num_rows * cluster <= 0x7fffffffLL) {
+      plan.cache_row = true;
+      plan.cluster = cluster;
+      plan.smem_bytes = bytes;
+      break;
+    }
+  }
+  if (!plan.cache_row) plan.smem_bytes = header;  // pass 2 re-reads the row through L2
+  plan.blocks = static_cast<unsigned>(a.num_rows * plan.cluster);
+  plan.threads = kBlockRowThreads;
   return plan;
 }
 
 // The kernel instance a plan runs; `launch(kernel, plan)` launches it on the GPU or emulator.
 template <typename S, typename Tt, typename Launch>
-const char* launch_planned(const KDArgs& a, size_t cache_limit, Launch&& launch) {
+const char* launch_planned(const KDArgs& a, const DeviceLimits& limits, Launch&& launch) {
   constexpr int V = pack_width<S, Tt>();
-  const LaunchPlan p = plan_launch<S, Tt>(a, cache_limit);
+  const LaunchPlan p = plan_launch<S, Tt>(a, limits);
   if (p.warp_rows) {
     return p.vectorized ? launch(kd_fwd_kernel<S, Tt, kWarpRowThreads, kWarpSize, V>, p)
                         : launch(kd_fwd_kernel<S, Tt, kWarpRowThreads, kWarpSize, 1>, p);
@@ -401,11 +504,11 @@ const char* launch_planned(const KDArgs& a, size_t cache_limit, Launch&& launch)
 }
 
 template <typename S, typename Launch>
-const char* launch_for_teacher(const KDArgs& a, size_t cache_limit, Launch&& launch) {
+const char* launch_for_teacher(const KDArgs& a, const DeviceLimits& limits, Launch&& launch) {
   switch (a.teacher_dtype) {
-    case DType::kFloat32: return launch_planned<S, float>(a, cache_limit, launch);
-    case DType::kFloat16: return launch_planned<S, f16>(a, cache_limit, launch);
-    case DType::kBFloat16: return launch_planned<S, bf16>(a, cache_limit, launch);
+    case DType::kFloat32: return launch_planned<S, float>(a, limits, launch);
+    case DType::kFloat16: return launch_planned<S, f16>(a, limits, launch);
+    case DType::kBFloat16: return launch_planned<S, bf16>(a, limits, launch);
     case DType::kFloat64: break;
   }
   return "the CUDA kernel takes float32/float16/bfloat16 teachers";
@@ -413,11 +516,11 @@ const char* launch_for_teacher(const KDArgs& a, size_t cache_limit, Launch&& lau
 
 // Chooses the kernel for the dtypes and layout of `a` and hands it to `launch`.
 template <typename Launch>
-const char* launch_fused(const KDArgs& a, size_t cache_limit, Launch&& launch) {
+const char* launch_fused(const KDArgs& a, const DeviceLimits& limits, Launch&& launch) {
   switch (a.student_dtype) {
-    case DType::kFloat32: return launch_for_teacher<float>(a, cache_limit, launch);
-    case DType::kFloat16: return launch_for_teacher<f16>(a, cache_limit, launch);
-    case DType::kBFloat16: return launch_for_teacher<bf16>(a, cache_limit, launch);
+    case DType::kFloat32: return launch_for_teacher<float>(a, limits, launch);
+    case DType::kFloat16: return launch_for_teacher<f16>(a, limits, launch);
+    case DType::kBFloat16: return launch_for_teacher<bf16>(a, limits, launch);
     case DType::kFloat64: break;
   }
   return "the CUDA kernel takes float32/float16/bfloat16 students";

@@ -7,9 +7,11 @@
 namespace kd {
 
 struct LaunchPlan {
-  bool warp_rows = false;   // a warp per row (short rows) or a block per row
+  bool warp_rows = false;   // a warp per row (short rows) or a block (or a cluster) per row
   bool vectorized = false;  // 16-byte accesses (every row start aligned, C a multiple of the width)
-  size_t cache_bytes = 0;   // dynamic shared memory for the row copy; 0: pass 2 re-reads the row
+  bool cache_row = false;   // pass 1 copies the row into shared memory, pass 2 reads the copy
+  int cluster = 1;          // blocks per row: a thread block cluster that shares out one long row
+  size_t smem_bytes = 0;    // dynamic shared memory per block: reduction scratch + the row copy
   unsigned blocks = 0, threads = 0;
 };
 

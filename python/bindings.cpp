@@ -122,21 +122,43 @@ void forward_cuda(const kd::KDArgs& a, uintptr_t stream, int device, uintptr_t w
 #endif
 
 // The CUDA kernel on the host emulator (CPU tensors): tests the CUDA code without a GPU.
-void forward_cuda_emulated(const kd::KDArgs& a, size_t cache_limit) {
+kd::EmulatedDevice emulated_device(const py::dict& spec) {
+  kd::EmulatedDevice device;
+  for (const auto& [key, value] : spec) {
+    const auto name = key.cast<std::string>();
+    if (name == "smem_per_block") {
+      device.smem_per_block = value.cast<size_t>();
+    } else if (name == "max_cluster") {
+      device.max_cluster = value.cast<int>();
+    } else if (name == "warp_row_max_classes") {
+      device.warp_row_max_classes = value.cast<int64_t>();
+    } else {
+      throw std::invalid_argument("unknown emulated device field: " + name);
+    }
+  }
+  if (device.max_cluster < 1 || device.max_cluster > 16)
+    throw std::invalid_argument("max_cluster must be in [1, 16]");
+  return device;
+}
+
+void forward_cuda_emulated(const kd::KDArgs& a, const py::dict& device_spec) {
+  const kd::EmulatedDevice device = emulated_device(device_spec);
   const char* error = nullptr;
   {
     py::gil_scoped_release release;
-    error = kd::kd_forward_cuda_emulated(a, cache_limit);
+    error = kd::kd_forward_cuda_emulated(a, device);
   }
   if (error != nullptr) throw std::runtime_error(std::string("kdkernels CUDA emulator: ") + error);
 }
 
-py::dict cuda_launch_plan(const kd::KDArgs& a, size_t cache_limit) {
-  const kd::LaunchPlan plan = kd::kd_cuda_launch_plan(a, cache_limit);
+py::dict cuda_launch_plan(const kd::KDArgs& a, const py::dict& device_spec) {
+  const kd::LaunchPlan plan = kd::kd_cuda_launch_plan(a, emulated_device(device_spec));
   py::dict info;
   info["warp_rows"] = plan.warp_rows;
   info["vectorized"] = plan.vectorized;
-  info["cache_bytes"] = plan.cache_bytes;
+  info["cache_row"] = plan.cache_row;
+  info["cluster"] = plan.cluster;
+  info["smem_bytes"] = plan.smem_bytes;
   info["blocks"] = plan.blocks;
   info["threads"] = plan.threads;
   return info;
@@ -190,9 +212,9 @@ PYBIND11_MODULE(_C, m) {
         "Build and check the kernel argument struct from raw pointers and options.");
   m.def("forward_cpu", &forward_cpu, py::arg("args"),
         "Run the fused CPU kernel: per-row losses and, if grad is set, the gradient.");
-  m.def("forward_cuda_emulated", &forward_cuda_emulated, py::arg("args"), py::arg("cache_limit"),
+  m.def("forward_cuda_emulated", &forward_cuda_emulated, py::arg("args"), py::arg("device"),
         "Run the CUDA kernel's code on the host emulator, on CPU memory (for tests; slow).");
-  m.def("cuda_launch_plan", &cuda_launch_plan, py::arg("args"), py::arg("cache_limit"),
+  m.def("cuda_launch_plan", &cuda_launch_plan, py::arg("args"), py::arg("device"),
         "The launch the CUDA kernel would make for these arguments (for tests).");
   m.def("build_info", &build_info, "How this extension was built.");
   m.def("cuda_status", &cuda_status, "(usable CUDA devices, why none) as the CUDA runtime says.");

@@ -16,20 +16,31 @@ from kdkernels import _C
 from kdkernels.testing import rel_error, sample_inputs, tolerance
 
 CASES = list(sample_inputs(seed=5))
+SMALL_CASES = list(sample_inputs(seed=6, small=True))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Shared memory a block may use for its row copy: H200's opt-in limit, and none (pass 2 re-reads).
-CACHE_LIMITS = {"smem-row": 227 * 1024, "no-smem-row": 0}
+H200 = dict(smem_per_block=227 * 1024, max_cluster=8)
+# Emulated devices that steer the cases down the kernel's other paths. Every thread is a fiber,
+# so these run the small grid (N <= 37, C <= 1000) in two dtypes to keep CI fast.
+PATHS = {
+    # A block per row for every case; pass 2 re-reads the row (no copy in shared memory).
+    "block-rows": dict(smem_per_block=0, max_cluster=1, warp_row_max_classes=0),
+    # A block per row with the row copy in shared memory.
+    "block-rows-copy": dict(H200, max_cluster=1, warp_row_max_classes=0),
+    # 1600 bytes of shared memory per block: rows of 100 classes are shared out over clusters
+    # of 4 to 8 blocks that merge through each other's shared memory.
+    "clusters": dict(smem_per_block=1600, max_cluster=8, warp_row_max_classes=0),
+}
 
 
 @contextlib.contextmanager
-def cuda_kernel_on_cpu(cache_limit: int, plans: list | None = None):
+def cuda_kernel_on_cpu(device: dict, plans: list | None = None):
     """Route the CPU backend's kernel call to the emulated CUDA kernel."""
     cpu_kernel = _C.forward_cpu
 
     def emulated(args):
         if plans is not None:
-            plans.append(_C.cuda_launch_plan(args, cache_limit))
-        _C.forward_cuda_emulated(args, cache_limit)
+            plans.append(_C.cuda_launch_plan(args, device))
+        _C.forward_cuda_emulated(args, device)
 
     _C.forward_cpu = emulated
     try:
@@ -38,10 +49,10 @@ def cuda_kernel_on_cpu(cache_limit: int, plans: list | None = None):
         _C.forward_cpu = cpu_kernel
 
 
-def run_emulated(case, dtype, cache_limit, plans=None):
+def run_emulated(case, dtype, device, plans=None):
     student, teachers, labels = case.inputs(dtype)
     student.requires_grad_(True)
-    with cuda_kernel_on_cpu(cache_limit, plans):
+    with cuda_kernel_on_cpu(device, plans):
         out = kd.distillation_loss(student, teachers, labels, backend="cpu", **case.kwargs)
     ref_student = student.detach().double().requires_grad_(True)
     ref = case.reference(ref_student, teachers, labels)
@@ -52,40 +63,56 @@ def run_emulated(case, dtype, cache_limit, plans=None):
     return out, ref, student.grad, ref_student.grad
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cache", CACHE_LIMITS)
-def test_emulated_cuda_kernel_matches_reference(cache, dtype, case):
-    out, ref, grad, ref_grad = run_emulated(case, dtype, CACHE_LIMITS[cache])
+def check_against_reference(case, dtype, device):
+    out, ref, grad, ref_grad = run_emulated(case, dtype, device)
     assert rel_error(out, ref) < tolerance(dtype)
     floor = 2 * rel_error(ref_grad.to(dtype), ref_grad)
     assert rel_error(grad, ref_grad) < max(tolerance(dtype), floor)
 
 
-def plan_of(name: str, dtype: torch.dtype, cache_limit: int) -> dict:
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_cuda_kernel_matches_reference(dtype, case):
+    """The full grid as an H200 would run it: a warp per row up to 2048 classes, a block per
+    longer row with the row copy in shared memory, a cluster when one block cannot hold it."""
+    check_against_reference(case, dtype, H200)
+
+
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_emulated_cuda_kernel_paths_match_reference(path, dtype, case):
+    check_against_reference(case, dtype, PATHS[path])
+
+
+def plan_of(name: str, dtype: torch.dtype, device: dict) -> dict:
     plans: list[dict] = []
     case = next(c for c in CASES if c.name == name)
-    run_emulated(case, dtype, cache_limit, plans)
+    run_emulated(case, dtype, device, plans)
     assert len(plans) == 1
     return plans[0]
 
 
 @pytest.mark.parametrize(
-    "name, dtype, cache_limit, expected",
+    "name, dtype, device, expected",
     [
         # Short rows: a warp each, 8 rows per 256-thread block; 16-byte loads when C allows.
-        ("shape-37x1000", torch.float32, 0, dict(warp_rows=True, vectorized=True, blocks=5)),
-        ("shape-3x10", torch.bfloat16, 0, dict(warp_rows=True, vectorized=False, blocks=1)),
-        # Long rows: a block each; the row copy in shared memory when it fits.
-        ("shape-3x4097", torch.float32, 1 << 20, dict(warp_rows=False, vectorized=False)),
-        ("shape-3x32000", torch.float32, 1 << 20, dict(warp_rows=False, vectorized=True)),
-        ("shape-3x32000", torch.bfloat16, 227 * 1024, dict(cache_bytes=32000 * (2 + 4))),
-        ("shape-3x32000", torch.float32, 227 * 1024, dict(cache_bytes=0)),  # 256 KB: no room
-        ("shape-3x32000", torch.bfloat16, 0, dict(cache_bytes=0, threads=512, blocks=3)),
+        ("shape-37x1000", torch.float32, H200, dict(warp_rows=True, vectorized=True, blocks=5)),
+        ("shape-3x10", torch.bfloat16, H200, dict(warp_rows=True, vectorized=False, blocks=1)),
+        # Long rows: a block each, with the row copy in shared memory when it fits.
+        ("shape-3x4097", torch.float32, H200, dict(warp_rows=False, vectorized=False, cluster=1)),
+        ("shape-3x32000", torch.bfloat16, H200, dict(cache_row=True, cluster=1, blocks=3)),
+        # 32000 float32 classes (256 KB) do not fit one block: a cluster of two shares them.
+        ("shape-3x32000", torch.float32, H200, dict(cache_row=True, cluster=2, blocks=6)),
+        # Without clusters (before sm_90) that row is re-read through L2 instead.
+        ("shape-3x32000", torch.float32, dict(H200, max_cluster=1), dict(cache_row=False)),
+        ("shape-3x32000", torch.float32, PATHS["block-rows"], dict(cache_row=False)),
+        ("shape-37x10", torch.float32, PATHS["clusters"], dict(warp_rows=False, cluster=1)),
+        ("shape-3x1000", torch.float32, PATHS["clusters"], dict(cache_row=False, cluster=1)),
     ],
 )
-def test_launch_plan(name, dtype, cache_limit, expected):
-    plan = plan_of(name, dtype, cache_limit)
+def test_launch_plan(name, dtype, device, expected):
+    plan = plan_of(name, dtype, device)
     assert {k: plan[k] for k in expected} == expected
 
 
@@ -95,7 +122,7 @@ def test_strided_rows_fall_back_to_scalar_access():
     student = torch.randn(n, c + 7)[:, :c]
     teacher = torch.randn(n, c)
     plans: list[dict] = []
-    with cuda_kernel_on_cpu(1 << 20, plans):
+    with cuda_kernel_on_cpu(H200, plans):
         out = kd.distillation_loss(student, teacher, reduction="none")
     assert plans[0]["vectorized"] is False and plans[0]["warp_rows"] is False
     ref = kd.kd_loss_reference(student.double(), [teacher.double()], reduction="none")
@@ -131,4 +158,19 @@ def test_emulator_reports_kernel_errors_as_exceptions():
         num_threads=1,
     )
     with pytest.raises(RuntimeError, match="float32/float16/bfloat16"):
-        _C.forward_cuda_emulated(args, 0)
+        _C.forward_cuda_emulated(args, H200)
+
+
+@pytest.mark.parametrize(
+    "name, dtype, cluster",
+    [
+        ("opt-geometric-kl-mean-t21-none-M1", torch.float32, 4),
+        ("opt-arithmetic-kl-mean-t21-mixed-M5", torch.bfloat16, 4),
+    ],
+)
+def test_clusters_path_shares_rows_out(name, dtype, cluster):
+    """The 'clusters' device really runs the small grid's option cases on clusters."""
+    plans: list[dict] = []
+    case = next(c for c in SMALL_CASES if c.name == name)
+    run_emulated(case, dtype, PATHS["clusters"], plans)
+    assert plans[0]["cluster"] == cluster and plans[0]["cache_row"]
