@@ -6,9 +6,11 @@ achieved bandwidth as a fraction of a device-to-device copy measured in the same
     python bench/gpu_check.py --n 4096 --c 32000 --dtype float32 --m 4     # one case
 
 By default it runs four cases that take the CUDA kernel's different paths: a 128k vocabulary
-(block per row, the row re-read through L2), a 32k vocabulary in bfloat16 (the row copied into
-shared memory; also timed with the copy off, "kdkernels-cuda-no-smem-row"), an ensemble of four
-in float32, and 1000 classes (a warp per row). On a machine without a GPU it says so (and why,
+in bfloat16 (on sm_90 a cluster of 4 blocks per row, each holding a quarter of the row in shared
+memory), a 32k vocabulary in bfloat16 (one block per row with the row copied into shared memory),
+an ensemble of four in float32, and 1000 classes (a warp per row). The CUDA kernel is also timed
+with the shared-memory copy off ("kdkernels-cuda-no-smem-row": pass 2 re-reads through L2).
+On a machine without a GPU it says so (and why,
 per backend) and exits with status 2.
 """
 
