@@ -94,3 +94,35 @@ def test_compiled_training_step_matches_eager():
     torch.testing.assert_close(compiled_loss, eager_loss)
     for pe, pc in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-5, atol=1e-7)
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_custom_op_dispatch_but_modes_use_it(monkeypatch):
+    """Plain eager calls run the kernel through a bare autograd.Function (the custom op's Python
+    dispatch costs ~300 us a call); under any function mode (and so under tracing) the
+    registered op runs, so compile, export and opcheck see it."""
+    import kdkernels._ops as ops
+
+    calls = []
+
+    def counting_op(*args):
+        calls.append(1)
+        return fused_kd(*args)
+
+    monkeypatch.setattr(ops, "fused_kd", counting_op)
+    s = torch.randn(8, 10, requires_grad=True)
+    t, y = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    eager = kd.distillation_loss(s, t, y, backend="cpu")
+    eager.backward()
+    assert calls == []
+    eager_grad, s.grad = s.grad.clone(), None
+    with _Recorder():
+        traced = kd.distillation_loss(s, t, y, backend="cpu")
+    traced.backward()
+    assert calls == [1]
+    torch.testing.assert_close(traced, eager)
+    torch.testing.assert_close(s.grad, eager_grad)
