@@ -29,7 +29,10 @@ namespace kd {
 namespace KD_CPU_ISA {
 namespace {
 
-// Buffers of one thread: four rows of C accumulator values.
+// Buffers of one thread: four rows of padded_classes(C) accumulator values. The student and
+// teacher rows are padded with -inf up to a whole number of lane blocks, so the exponential
+// pass runs full vector blocks only (exp(-inf) = 0 adds nothing); short rows (C = 10) would
+// otherwise run entirely in the scalar tail.
 template <typename Acc>
 struct RowBuffers {
   Acc* s;  // student logits, then exp(s - m_s)
@@ -69,6 +72,13 @@ inline void for_lanes(int64_t n, Body&& body, Hook&& block_hook = {}) {
     for (int64_t k = 0; k < kLanes; ++k) body(j + k, k);
   }
   for (int64_t k = 0; j < n; ++j, ++k) body(j, k);
+}
+
+inline int64_t padded_classes(int64_t C) { return (C + kLanes - 1) / kLanes * kLanes; }
+
+template <typename Acc>
+void pad_row(Acc* row, int64_t C) {
+  std::fill(row + C, row + padded_classes(C), -std::numeric_limits<Acc>::infinity());
 }
 
 template <typename Acc>
@@ -256,7 +266,7 @@ RowSums<Acc> exp_pass(int power, const RowBuffers<Acc>& b, const NextRow& next, 
 template <bool kSoft, bool kHard, typename Acc>
 RowSums<Acc> exp_pass(const KDArgs& a, bool keep, const RowBuffers<Acc>& b, const NextRow& next,
                       Acc m_z, Acc m_s, Acc inv_t) {
-  const int64_t C = a.num_classes;
+  const int64_t C = padded_classes(a.num_classes);  // the rows' -inf padding adds nothing
   const bool kl = a.soft_loss == SoftLoss::kKL;
   // Only a row with both terms has an exp(ds / T) to square.
   const int power = kSoft && kHard ? temperature_power<Acc>(a.temperature) : 0;
@@ -304,6 +314,7 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   const S* s = static_cast<const S*>(a.student) + i * a.student_row_stride;
   const Acc inv_t = Acc(1) / static_cast<Acc>(a.temperature);
   const Acc m_s = load_scaled_max(s, b.s, C, Acc(1));
+  pad_row(b.s, C);
   const Acc s_y = role.hard ? b.s[label] : Acc(0);
   const bool keep = grad != nullptr;
   NextRow next;
@@ -321,6 +332,7 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   if (role.soft) {
     const Acc m_z = a.ensemble == Ensemble::kGeometric ? combine_geometric<Tt>(a, i, inv_t, b)
                                                        : combine_arithmetic<Tt>(a, i, inv_t, b);
+    pad_row(b.z, C);
     r = role.hard ? exp_pass<true, true>(a, keep, b, next, m_z, m_s, inv_t)
                   : exp_pass<true, false>(a, keep, b, next, m_z, m_s, inv_t);
   } else {
@@ -364,7 +376,8 @@ void run(const KDArgs& a) {
   const int64_t work = N * C * (1 + a.num_teachers);
   const int64_t useful = std::max<int64_t>(1, std::min<int64_t>(N, work / kMinElementsPerThread));
   const int threads = static_cast<int>(std::min<int64_t>(std::max(a.num_threads, 1), useful));
-  std::vector<Acc> workspace(static_cast<size_t>(threads) * 4 * static_cast<size_t>(C));
+  const int64_t Cp = padded_classes(C);
+  std::vector<Acc> workspace(static_cast<size_t>(threads) * 4 * static_cast<size_t>(Cp));
 
 #pragma omp parallel num_threads(threads)
   {
@@ -373,8 +386,8 @@ void run(const KDArgs& a) {
 #else
     const int64_t tid = 0;
 #endif
-    Acc* w = workspace.data() + tid * 4 * C;
-    const RowBuffers<Acc> b{w, w + C, w + 2 * C, w + 3 * C};
+    Acc* w = workspace.data() + tid * 4 * Cp;
+    const RowBuffers<Acc> b{w, w + Cp, w + 2 * Cp, w + 3 * Cp};
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < N; ++i) kd_row<S, Tt, Acc>(a, i, scales, b);
   }
