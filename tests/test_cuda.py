@@ -71,3 +71,24 @@ def test_cuda_compiles_fullgraph():
     ref = s.detach().clone().requires_grad_(True)
     kd.distillation_loss(ref, t, backend="cuda").backward()
     torch.testing.assert_close(s.grad, ref.grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("row_cache", ["0", "1"])
+@pytest.mark.parametrize("c", [4097, 32000, 128256])
+def test_cuda_long_rows_with_and_without_the_shared_memory_copy(monkeypatch, row_cache, c):
+    """Long rows take a block per row, a cluster per row (sm_90, 128k float32 classes) or,
+    with KDKERNELS_CUDA_ROW_CACHE=0, re-read the row through L2: all match the reference."""
+    monkeypatch.setenv("KDKERNELS_CUDA_ROW_CACHE", row_cache)
+    student = torch.randn(5, c, device="cuda", dtype=torch.float64)
+    teachers = torch.randn(2, 5, c, device="cuda", dtype=torch.float64)
+    labels = torch.randint(0, c, (5,), device="cuda")
+    s = student.float().requires_grad_(True)
+    out = kd.distillation_loss(s, teachers.float(), labels, backend="cuda", ensemble="arithmetic")
+    out.backward()
+    ref_s = student.requires_grad_(True)
+    ref = kd.kd_loss_reference(ref_s, list(teachers), labels, ensemble="arithmetic")
+    ref.backward()
+    assert rel_error(out, ref) < 1e-5
+    assert rel_error(s.grad, ref_s.grad) < 1e-5
