@@ -63,6 +63,8 @@ def _product(ns, cs, ms, dtypes) -> list[Case]:
 
 GRIDS: dict[str, list[Case]] = {
     "quick": [Case(256, 10), Case(256, 1000, m=4), Case(64, 32000, dtype="bfloat16")],
+    # Image classifiers: small rows, where per-call overhead and short-row loops decide.
+    "classification": _product((256, 65536), (10, 100, 1000), (1, 4), ("float32",)),
     "default": _product((256, 65536), (10, 100, 1000), (1, 4), ("float32", "bfloat16"))
     + _product((2048, 8192), (32000, 128256), (1, 4), ("float32", "bfloat16")),
     "targets": [
