@@ -16,7 +16,9 @@
 
 #include "kd_args.h"
 #include "kd_cpu.h"
+#ifdef KDKERNELS_WITH_EMULATOR
 #include "kd_cuda_emulated.h"
+#endif
 #ifdef KDKERNELS_WITH_CUDA
 #include "kd_cuda.h"
 #endif
@@ -121,6 +123,7 @@ void forward_cuda(const kd::KDArgs& a, uintptr_t stream, int device, uintptr_t w
 }
 #endif
 
+#ifdef KDKERNELS_WITH_EMULATOR
 // The CUDA kernel on the host emulator (CPU tensors): tests the CUDA code without a GPU.
 kd::EmulatedDevice emulated_device(const py::dict& spec) {
   kd::EmulatedDevice device;
@@ -163,6 +166,7 @@ py::dict cuda_launch_plan(const kd::KDArgs& a, const py::dict& device_spec) {
   info["threads"] = plan.threads;
   return info;
 }
+#endif
 
 // (number of usable CUDA devices, why none) for kdkernels.backends().
 py::tuple cuda_status() {
@@ -212,10 +216,12 @@ PYBIND11_MODULE(_C, m) {
         "Build and check the kernel argument struct from raw pointers and options.");
   m.def("forward_cpu", &forward_cpu, py::arg("args"),
         "Run the fused CPU kernel: per-row losses and, if grad is set, the gradient.");
+#ifdef KDKERNELS_WITH_EMULATOR
   m.def("forward_cuda_emulated", &forward_cuda_emulated, py::arg("args"), py::arg("device"),
         "Run the CUDA kernel's code on the host emulator, on CPU memory (for tests; slow).");
   m.def("cuda_launch_plan", &cuda_launch_plan, py::arg("args"), py::arg("device"),
         "The launch the CUDA kernel would make for these arguments (for tests).");
+#endif
   m.def("build_info", &build_info, "How this extension was built.");
   m.def("cuda_status", &cuda_status, "(usable CUDA devices, why none) as the CUDA runtime says.");
 #ifdef KDKERNELS_WITH_CUDA

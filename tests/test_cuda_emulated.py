@@ -15,6 +15,10 @@ import kdkernels as kd
 from kdkernels import _C
 from kdkernels.testing import rel_error, sample_inputs, tolerance
 
+pytestmark = pytest.mark.skipif(
+    not hasattr(_C, "forward_cuda_emulated"), reason="the CUDA emulator is built on POSIX only"
+)
+
 CASES = list(sample_inputs(seed=5))
 SMALL_CASES = list(sample_inputs(seed=6, small=True))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
