@@ -13,7 +13,7 @@ import torch
 
 import kdkernels as kd
 from kdkernels import _C
-from kdkernels.testing import rel_error, sample_inputs, tolerance
+from kdkernels.testing import raw_kernel_args, rel_error, sample_inputs, tolerance
 
 pytestmark = pytest.mark.skipif(
     not hasattr(_C, "forward_cuda_emulated"), reason="the CUDA emulator is built on POSIX only"
@@ -135,32 +135,8 @@ def test_strided_rows_fall_back_to_scalar_access():
 
 def test_emulator_reports_kernel_errors_as_exceptions():
     """A launch the emulator cannot run comes back as a RuntimeError, not a crash."""
-    student = torch.randn(2, 5)
-    row_loss = torch.empty(1, dtype=torch.float64)
-    args = _C.make_args(
-        student=student.data_ptr(),
-        student_row_stride=5,
-        student_dtype=3,  # float64: the CUDA kernel refuses it
-        teachers=[student.data_ptr()],
-        teacher_row_strides=[5],
-        teacher_dtype=3,
-        teacher_weights=[1.0],
-        labels=0,
-        ignore_index=-100,
-        unlabeled_index=None,
-        num_rows=1,
-        num_classes=2,
-        temperature=1.0,
-        soft_weight=1.0,
-        hard_weight=0.0,
-        scale_soft_by_t2=True,
-        ensemble=0,
-        soft_loss=0,
-        reduction=0,
-        row_loss=row_loss.data_ptr(),
-        grad=0,
-        num_threads=1,
-    )
+    _keep, args = raw_kernel_args(2, 5, student_dtype=3, teacher_dtype=3)  # float64: refused
+    args = _C.make_args(**args)
     with pytest.raises(RuntimeError, match="float32/float16/bfloat16"):
         _C.forward_cuda_emulated(args, H200)
 

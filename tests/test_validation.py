@@ -7,6 +7,7 @@ import torch
 
 import kdkernels as kd
 from kdkernels import _C
+from kdkernels.testing import raw_kernel_args
 
 N, C = 4, 10
 
@@ -159,34 +160,7 @@ def test_empty_batch_gives_zero_loss_and_zero_gradient(reduction):
 
 
 def _raw_args(**change):
-    s, t = torch.randn(N, C), torch.randn(N, C)
-    row_loss = torch.empty(N)
-    args = dict(
-        student=s.data_ptr(),
-        student_row_stride=C,
-        student_dtype=0,
-        teachers=[t.data_ptr()],
-        teacher_row_strides=[C],
-        teacher_dtype=0,
-        teacher_weights=[1.0],
-        labels=0,
-        ignore_index=-100,
-        unlabeled_index=None,
-        num_rows=N,
-        num_classes=C,
-        temperature=2.0,
-        soft_weight=0.9,
-        hard_weight=0.1,
-        scale_soft_by_t2=True,
-        ensemble=0,
-        soft_loss=0,
-        reduction=0,
-        row_loss=row_loss.data_ptr(),
-        grad=0,
-        num_threads=1,
-    )
-    args.update(change)
-    return (s, t, row_loss), args
+    return raw_kernel_args(N, C, **change)
 
 
 RAW_BAD = [
