@@ -16,6 +16,12 @@ enum class Reduction : int32_t { kMean = 0, kSum = 1, kNone = 2 };
 // struct can be copied by value into a CUDA kernel's parameter space.
 constexpr int kMaxTeachers = 64;
 
+// The temperatures the kernels accept. Outside this range float32 cannot carry the loss: 1/T
+// overflows or T^2 underflows (T = 1e-40 gave 0 * inf = NaN), or the soft targets are uniform
+// to the last bit. kdkernels._validate.TEMPERATURE_RANGE says the same (a test checks).
+constexpr double kMinTemperature = 1e-4;
+constexpr double kMaxTemperature = 1e4;
+
 struct KDArgs {
   // Inputs. Rows are `row_stride` elements apart; elements within a row are contiguous.
   const void* student = nullptr;

@@ -24,6 +24,8 @@ const char* check_args(const KDArgs& a) {
     return "dtypes must be float32/float16/bfloat16 (mixed freely) or all float64";
   if (!(std::isfinite(a.temperature) && a.temperature > 0.0))
     return "temperature must be finite and > 0";
+  if (a.temperature < kMinTemperature || a.temperature > kMaxTemperature)
+    return "temperature must be in [1e-4, 1e4]";
   if (!finite_non_negative(a.soft_weight) || !finite_non_negative(a.hard_weight))
     return "soft_weight and hard_weight must be finite and >= 0";
   double weight_sum = 0.0;

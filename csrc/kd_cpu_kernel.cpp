@@ -58,6 +58,9 @@ struct NextRow {
 // the compiler reassociate floating-point sums; the lanes are combined once per row.
 constexpr int64_t kLanes = 16;
 
+// The float32 KL is recomputed exactly when it is below this fraction of its largest term.
+constexpr double kExactBelow = 1e-2;
+
 struct NoHook {
   void operator()(int64_t) const {}
 };
@@ -103,11 +106,13 @@ struct Lanes {
   }
 };
 
+// dst = (src - ref) * scale; returns its max.
 template <typename Acc, typename In>
-Acc load_scaled_max(const In* __restrict__ src, Acc* __restrict__ dst, int64_t n, Acc scale) {
+Acc load_scaled_max(const In* __restrict__ src, Acc* __restrict__ dst, int64_t n, Acc ref,
+                    Acc scale) {
   Lanes<Acc> m(-std::numeric_limits<Acc>::infinity());
   for_lanes(n, [&](int64_t j, int64_t k) {
-    const Acc v = static_cast<Acc>(to_float(src[j])) * scale;
+    const Acc v = (static_cast<Acc>(to_float(src[j])) - ref) * scale;
     dst[j] = v;
     m.v[k] = v > m.v[k] ? v : m.v[k];  // a NaN never becomes the max; it reaches the sums via exp
   });
@@ -121,7 +126,15 @@ Acc row_max(const Acc* __restrict__ x, int64_t n) {
   return lane_max(m.v);
 }
 
-// Geometric ensemble: z_j = sum_m (w_m / T) t_mj. Returns max_j z_j.
+// A teacher row enters the arithmetic relative to its first element: a constant added to the
+// row then cancels exactly instead of costing float32 digits (DESIGN section 1, shift invariance).
+template <typename Acc, typename Tt>
+Acc row_reference(const Tt* row) {
+  const Acc first = static_cast<Acc>(to_float(row[0]));
+  return first - first == Acc(0) ? first : Acc(0);  // 0 for an infinite or NaN first element
+}
+
+// Geometric ensemble: z_j = sum_m (w_m / T) (t_mj - ref_m). Returns max_j z_j.
 template <typename Tt, typename Acc>
 Acc combine_geometric(const KDArgs& a, int64_t row, Acc inv_t, const RowBuffers<Acc>& b) {
   const int64_t C = a.num_classes;
@@ -136,22 +149,25 @@ Acc combine_geometric(const KDArgs& a, int64_t row, Acc inv_t, const RowBuffers<
   auto coeff = [&](int32_t m) { return static_cast<Acc>(a.teacher_weights[m]) * inv_t; };
   // The first member initialises z (and, alone, gives its max); later members accumulate, the
   // last one taking the max in the same pass.
-  if (count == 1) return load_scaled_max(row_of(active[0]), b.z, C, coeff(active[0]));
+  if (count == 1) {
+    const Tt* t = row_of(active[0]);
+    return load_scaled_max(t, b.z, C, row_reference<Acc>(t), coeff(active[0]));
+  }
   {
     const Tt* __restrict__ t = row_of(active[0]);
-    const Acc c = coeff(active[0]);
-    for (int64_t j = 0; j < C; ++j) b.z[j] = c * static_cast<Acc>(to_float(t[j]));
+    const Acc c = coeff(active[0]), ref = row_reference<Acc>(t);
+    for (int64_t j = 0; j < C; ++j) b.z[j] = c * (static_cast<Acc>(to_float(t[j])) - ref);
   }
   for (int32_t i = 1; i + 1 < count; ++i) {
     const Tt* __restrict__ t = row_of(active[i]);
-    const Acc c = coeff(active[i]);
-    for (int64_t j = 0; j < C; ++j) b.z[j] += c * static_cast<Acc>(to_float(t[j]));
+    const Acc c = coeff(active[i]), ref = row_reference<Acc>(t);
+    for (int64_t j = 0; j < C; ++j) b.z[j] += c * (static_cast<Acc>(to_float(t[j])) - ref);
   }
   const Tt* __restrict__ t = row_of(active[count - 1]);
-  const Acc c = coeff(active[count - 1]);
+  const Acc c = coeff(active[count - 1]), ref = row_reference<Acc>(t);
   Lanes<Acc> m(-std::numeric_limits<Acc>::infinity());
   for_lanes(C, [&](int64_t j, int64_t k) {
-    const Acc v = b.z[j] + c * static_cast<Acc>(to_float(t[j]));
+    const Acc v = b.z[j] + c * (static_cast<Acc>(to_float(t[j])) - ref);
     b.z[j] = v;
     m.v[k] = v > m.v[k] ? v : m.v[k];
   });
@@ -167,10 +183,10 @@ Acc combine_arithmetic(const KDArgs& a, int64_t row, Acc inv_t, const RowBuffers
     const Acc w = static_cast<Acc>(a.teacher_weights[m]);
     if (w == Acc(0)) continue;
     const Tt* t = static_cast<const Tt*>(a.teachers[m]) + row * a.teacher_row_strides[m];
-    const Acc mt = load_scaled_max(t, b.t, C, inv_t);
+    const Acc mt = load_scaled_max(t, b.t, C, Acc(0), Acc(1));  // raw: x - max is exact
     Lanes<Acc> l(0);
     for_lanes(C, [&](int64_t j, int64_t k) {
-      b.t[j] = fast_exp(b.t[j] - mt);
+      b.t[j] = fast_exp((b.t[j] - mt) * inv_t);
       l.v[k] += b.t[j];
     });
     const Acc c = w / lane_sum(l.v);
@@ -296,6 +312,72 @@ void grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc p_scale, Ac
   }
 }
 
+// log sum_j exp(x(j)) in double; NaN in, NaN out.
+template <typename X>
+double log_sum_exp(int64_t C, X&& x) {
+  double top = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < C; ++j) top = x(j) > top ? x(j) : top;
+  if (top == -std::numeric_limits<double>::infinity() || top == std::numeric_limits<double>::infinity())
+    return top;
+  double total = 0;
+  for (int64_t j = 0; j < C; ++j) total += std::exp(x(j) - top);
+  return top + std::log(total);
+}
+
+// KL(p || q) of one row recomputed from the inputs in float64 (DESIGN section 1, literally).
+// The float32 closing formula A / l_z - log l_z + log l_u subtracts terms of size log C, so for a
+// student close to its teachers (the soft term near 0) it loses every digit and can read
+// negative; such rows (rare away from convergence) take this exact path instead.
+template <typename S, typename Tt>
+double exact_kl(const KDArgs& a, int64_t i) {
+  const int64_t C = a.num_classes;
+  const double inv_t = 1.0 / a.temperature;
+  const S* s = static_cast<const S*>(a.student) + i * a.student_row_stride;
+  auto teacher = [&](int32_t m, int64_t j) {
+    return static_cast<double>(to_float(static_cast<const Tt*>(a.teachers[m])[i * a.teacher_row_strides[m] + j]));
+  };
+  auto u = [&](int64_t j) { return static_cast<double>(to_float(s[j])) * inv_t; };
+  const double lse_u = log_sum_exp(C, u);
+  double kl = 0;
+  auto add = [&](double p, double log_p, int64_t j) {
+    if (p != 0.0) kl += p * (log_p - (u(j) - lse_u));  // 0 log 0 = 0; a NaN p is kept
+  };
+  if (a.ensemble == Ensemble::kGeometric) {
+    auto z = [&](int64_t j) {
+      double v = 0;
+      for (int32_t m = 0; m < a.num_teachers; ++m)
+        if (a.teacher_weights[m] > 0.0) v += a.teacher_weights[m] * teacher(m, j);
+      return v * inv_t;
+    };
+    const double lse_z = log_sum_exp(C, z);
+    for (int64_t j = 0; j < C; ++j) {
+      const double log_p = z(j) - lse_z;
+      add(std::exp(log_p), log_p, j);
+    }
+  } else {
+    double lse_t[kMaxTeachers];
+    for (int32_t m = 0; m < a.num_teachers; ++m)
+      lse_t[m] = log_sum_exp(C, [&](int64_t j) { return teacher(m, j) * inv_t; });
+    for (int64_t j = 0; j < C; ++j) {
+      double p = 0;
+      for (int32_t m = 0; m < a.num_teachers; ++m)
+        if (a.teacher_weights[m] > 0.0) p += a.teacher_weights[m] * std::exp(teacher(m, j) * inv_t - lse_t[m]);
+      add(p, std::log(p), j);
+    }
+  }
+  return kl < 0.0 ? 0.0 : kl;  // rounding below 0 only; NaN passes through
+}
+
+// Whether the float32 closing formula of the KL may have lost more than 1e-4 of its value:
+// its error is a few float32 ulps of its largest term (and of fast_exp's relative error).
+template <typename Acc>
+bool kl_needs_exact(Acc kl, Acc mean_log_ratio, Acc log_lz, Acc log_lu) {
+  if (!std::is_same_v<Acc, float>) return false;  // float64 accumulation is exact enough
+  using std::fabs;
+  const Acc largest = fabs(mean_log_ratio) + fabs(log_lz) + fabs(log_lu) + Acc(1);
+  return !(kl > Acc(kExactBelow) * largest);  // NaN too: the exact path keeps it NaN
+}
+
 template <typename S, typename Tt, typename Acc>
 void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffers<Acc>& b) {
   using Loss = std::conditional_t<std::is_same_v<Acc, double>, double, float>;
@@ -313,7 +395,7 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
 
   const S* s = static_cast<const S*>(a.student) + i * a.student_row_stride;
   const Acc inv_t = Acc(1) / static_cast<Acc>(a.temperature);
-  const Acc m_s = load_scaled_max(s, b.s, C, Acc(1));
+  const Acc m_s = load_scaled_max(s, b.s, C, Acc(0), Acc(1));
   pad_row(b.s, C);
   const Acc s_y = role.hard ? b.s[label] : Acc(0);
   const bool keep = grad != nullptr;
@@ -340,7 +422,18 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   }
 
   Acc value = 0;
-  if (role.soft) value += static_cast<Acc>(scales.soft_loss) * soft_term(a, r.sum_ex, r.l_z, r.l_u);
+  if (role.soft) {
+    Acc soft = soft_term(a, r.sum_ex, r.l_z, r.l_u);
+    if (a.soft_loss == SoftLoss::kKL) {
+      using std::log;
+      if (kl_needs_exact(soft, r.sum_ex / r.l_z, log(r.l_z), log(r.l_u))) {
+        soft = static_cast<Acc>(exact_kl<S, Tt>(a, i));
+      } else if (soft < Acc(0)) {
+        soft = 0;  // float64 accumulation: rounding below 0
+      }
+    }
+    value += static_cast<Acc>(scales.soft_loss) * soft;
+  }
   if (role.hard) value += static_cast<Acc>(scales.hard_loss) * hard_term(m_s, r.l_s, s_y);
   *loss = static_cast<Loss>(value);
   if (!grad) return;

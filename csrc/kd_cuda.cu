@@ -32,11 +32,13 @@ using FusedKernel = void (*)(KDArgs, const unsigned long long*, LaunchPlan);
 gpu::DeviceLimits device_limits(int device, const char** error) {
   gpu::DeviceLimits limits;
   int smem = 0, major = 0;
+  cudaFuncAttributes code = {};  // the architecture the loaded kernels were compiled for
   cudaError_t err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&code, gpu::count_rows_kernel);
   if (err != cudaSuccess) *error = cudaGetErrorString(err);
   limits.smem_per_block = row_cache_enabled() ? static_cast<size_t>(smem) : 0;
-  limits.max_cluster = major >= 9 ? 8 : 1;  // clusters of up to 8 blocks are portable on sm_90+
+  limits.max_cluster = max_cluster_size(major, code.ptxVersion);
   return limits;
 }
 

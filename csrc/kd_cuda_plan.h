@@ -15,4 +15,13 @@ struct LaunchPlan {
   unsigned blocks = 0, threads = 0;
 };
 
+// The largest thread block cluster a launch may use: clusters need an sm_90+ device AND device
+// code compiled for sm_90+ (`code_arch`: the PTX architecture of the loaded kernels, from
+// cudaFuncGetAttributes). A wheel built only for sm_80 runs on an H100 from compute_80 code,
+// which has no cluster support: there every block of a "cluster" would take the first span of
+// the row. So the choice follows what the loaded binary supports, not only the device.
+inline int max_cluster_size(int device_major, int code_arch) {
+  return device_major >= 9 && code_arch >= 90 ? 8 : 1;  // 8: the portable cluster size
+}
+
 }  // namespace kd

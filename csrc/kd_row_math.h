@@ -66,6 +66,19 @@ KD_HOST_DEVICE Acc weighted_or_zero(Acc e, Acc x) {
   return e == Acc(0) ? Acc(0) : product;
 }
 
+// One class's share of KL(p || q) as a term that is never negative: p f(d) with d = log p - log q
+// and f(d) = exp(-d) - 1 + d >= 0 (the terms sum to the KL because sum_j (q_j - p_j) = 0), and
+// q where p = 0. Summing p d instead cancels near p = q, where float32 reads the KL negative.
+// f is a Taylor series where |d| < 1/4 (there exp(-d) - 1 + d would cancel), else q - p + p d.
+// kdkernels/reference.py (kl_terms) and the Triton kernel (_kl_term) compute the same.
+template <typename Acc>
+KD_HOST_DEVICE Acc kl_term(Acc p, Acc q, Acc d) {
+  const Acc series =
+      d * d * (Acc(0.5) - d * (Acc(1) / 6 - d * (Acc(1) / 24 - d * (Acc(1) / 120 - d * (Acc(1) / 720 - d / 5040)))));
+  const Acc term = (d < Acc(0.25) && d > Acc(-0.25)) ? p * series : q - p + p * d;
+  return p == Acc(0) ? q : term;
+}
+
 template <typename Acc>
 KD_HOST_DEVICE Acc soft_term(const KDArgs& a, Acc sum_ex, Acc l_z, Acc l_u) {
   using std::log;

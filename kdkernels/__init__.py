@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._ops import allow_repeated_backward
 from .loss import DistillationLoss, backends, distillation_loss
+from ._validate import TEMPERATURE_RANGE
 from .reference import kd_loss_reference
 
 try:
@@ -12,6 +13,7 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "TEMPERATURE_RANGE",
     "DistillationLoss",
     "__version__",
     "allow_repeated_backward",

@@ -101,12 +101,20 @@ def select(name: str, problem: Problem) -> str:
         if reason is not None:
             raise ValueError(f"backend={name!r} cannot serve these inputs: {reason}")
         return name
+    # The reference serves "auto" only where no kernel for the device is present at all: a
+    # kernel that is present but cannot serve these inputs (65 teachers, say) is an error that
+    # says why, never a silent fallback to the reference's several [N, C] temporaries.
     order = _AUTO_ORDER.get(problem.student.device.type, ("torch",))
     reasons = {}
     for candidate in order:
+        if candidate == "torch" and any(_CHECKS[k](None) is None for k in reasons):
+            break
         reason = _CHECKS[candidate](problem)
         if reason is None:
             return candidate
         reasons[candidate] = reason
     listed = "; ".join(f"{k}: {v}" for k, v in reasons.items())
-    raise ValueError(f"no kdkernels backend can serve these inputs ({listed})")
+    raise ValueError(
+        f"no kdkernels kernel can serve these inputs ({listed}); backend='torch' runs the "
+        "pure-PyTorch reference (several [N, C] float32 temporaries)"
+    )

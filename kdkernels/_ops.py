@@ -23,10 +23,16 @@ def _loss_dtype(student: Tensor) -> torch.dtype:
 
 
 def check_op_inputs(
-    student: Tensor, teachers: list[Tensor], labels: Tensor | None, num_weights: int
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    num_weights: int,
+    *,
+    same_dtype: bool = True,
 ) -> None:
     """The kernels read raw pointers: whoever calls the op directly (not through
-    distillation_loss) gets an error here rather than an out-of-bounds read."""
+    distillation_loss) gets an error here rather than an out-of-bounds read. `same_dtype`: the
+    kernel takes one dtype for all teachers (the C++ and CUDA kernels; Triton takes each its own)."""
 
     def unit_last(x: Tensor) -> bool:
         return x.stride(1) == 1 or x.shape[1] == 1
@@ -38,7 +44,7 @@ def check_op_inputs(
     for t in teachers:
         if t.shape != student.shape or not unit_last(t) or t.device != student.device:
             raise ValueError("every teacher must be [N, C] like the student, last dim contiguous")
-        if t.dtype != teachers[0].dtype:
+        if same_dtype and t.dtype != teachers[0].dtype:
             raise ValueError("the teachers must share one dtype")
     if labels is not None and (
         labels.dtype != torch.int64
@@ -112,27 +118,15 @@ def _fused_kd_impl(
 fused_kd = torch.library.custom_op("kdkernels::fused_kd", mutates_args=())(_fused_kd_impl)
 
 
-@fused_kd.register_fake
-def _fused_kd_fake(
-    student,
-    teachers,
-    labels,
-    teacher_weights,
-    temperature,
-    soft_weight,
-    hard_weight,
-    ensemble,
-    soft_loss,
-    scale_soft_by_t2,
-    ignore_index,
-    unlabeled_index,
-    reduction,
-    compute_grad,
-):
+def fused_fake(student: Tensor, teachers, labels, teacher_weights, *options_and_compute_grad):
+    """The fake (meta) implementation of every fused op: the output shapes and dtypes."""
+    compute_grad = options_and_compute_grad[-1]
     n, c = student.shape
     row_loss = student.new_empty((n,), dtype=_loss_dtype(student))
     return row_loss, student.new_empty((n, c) if compute_grad else (0,))
 
+
+fused_kd.register_fake(fused_fake)
 
 _repeat_backward = False
 
@@ -164,6 +158,8 @@ def _is_broadcast_one(grad_row_loss: Tensor) -> bool:
     """grad_output of a mean/sum loss called with .backward(): one value 1.0 broadcast to [N].
     Reading it is free on the CPU (no device sync), and it saves a pass over the gradient."""
     if grad_row_loss.numel() == 0 or grad_row_loss.stride(0) != 0:
+        return False
+    if torch._C._len_torch_dispatch_stack() > 0:  # under a mode (fake tensors): do not read
         return False
     return float(grad_row_loss[0]) == 1.0
 
@@ -245,11 +241,15 @@ def call_fused(op, impl, args: tuple) -> tuple[Tensor, Tensor]:
 
 
 def _kernel_dtypes(problem: Problem) -> tuple[Tensor, list[Tensor]]:
-    """The kernels take float64 only all together, and one dtype for all teachers."""
+    """The C++ and CUDA kernels take float64 only all together, and one dtype for all teachers:
+    teachers of different dtypes are promoted to the widest of them (float16 with bfloat16 gives
+    float32), never rounded down, so the result does not depend on the order of the list."""
     student, teachers = problem.student, problem.teachers
     if student.dtype == torch.float64 or any(t.dtype == torch.float64 for t in teachers):
         return student.double(), [t.double() for t in teachers]
     dtype = teachers[0].dtype
+    for t in teachers[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
     return student, [t if t.dtype == dtype else t.to(dtype) for t in teachers]
 
 

@@ -2,6 +2,11 @@
 vocabulary), registered with torch.library.triton_op so torch.compile sees the kernel, and the
 same autograd as the compiled op (the gradient is computed in the forward pass).
 
+The teachers are read in place: up to MAX_TEACHERS pointers, each with its own row stride and
+dtype, are separate kernel arguments, so a list of teachers is never stacked and every member is
+read at its own precision. Weights and row counts are kernel scalars or device-side sums: a call
+makes no host-to-device copy and never synchronises with the host.
+
 Runs on GPUs, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), which is how
 CI tests it.
 """
@@ -13,6 +18,13 @@ import os
 import torch
 from torch import Tensor
 
+from ._ops import (
+    call_fused,
+    check_op_inputs,
+    fused_fake,
+    op_arguments,
+    register_fused_autograd,
+)
 from ._validate import Problem
 
 try:
@@ -20,6 +32,8 @@ try:
     import triton.language as tl
 except ImportError:  # the triton extra is not installed
     triton = None
+
+MAX_TEACHERS = 8  # teacher pointers are kernel arguments T0..T7
 
 
 def triton_unavailable(problem: Problem | None) -> str | None:
@@ -38,73 +52,122 @@ def triton_unavailable(problem: Problem | None) -> str | None:
     dtypes = {problem.student.dtype} | {t.dtype for t in problem.teachers}
     if torch.float64 in dtypes:
         return "float64 inputs are not supported (float32/float16/bfloat16)"
+    if len(problem.teachers) > MAX_TEACHERS:
+        return f"it takes at most {MAX_TEACHERS} teachers; got {len(problem.teachers)}"
     return None
 
 
 if triton is not None:
+    _SLOTS = tl.constexpr(MAX_TEACHERS)
 
     @triton.jit
-    def _online_update(m, total, x):
-        """Fold a block x into a running max m and sum total = sum exp(x - m)."""
+    def _online_update(m, total, x, scale):
+        """Fold a block x into a running max m (in x's units) and a running
+        total = sum exp((x - m) * scale): every x enters relative to the max, so a constant
+        added to the row cancels exactly."""
         m_new = tl.maximum(m, tl.max(x, 0))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf prefix stays 0
-        total = total * tl.exp(m - m_sub) + tl.sum(tl.exp(x - m_sub), 0)
+        total = total * tl.exp((m - m_sub) * scale) + tl.sum(tl.exp((x - m_sub) * scale), 0)
         return m_new, total
 
     @triton.jit
-    def _combined_teacher(T, t_member_stride, W, M, cols, mask, inv_t):
-        """z = sum_m w_m t_m / T over one block of columns."""
-        z = tl.zeros_like(cols).to(tl.float32)
-        for m in range(M):
-            w = tl.load(W + m)
-            t = tl.load(T + m * t_member_stride + cols, mask=mask, other=float("-inf"))
-            z += w * t.to(tl.float32)
-        return z * inv_t
+    def _member(m: tl.constexpr, T0, T1, T2, T3, T4, T5, T6, T7):
+        """Teacher slot m (a compile-time index) of the eight pointer arguments."""
+        t = T0
+        if m == 1:
+            t = T1
+        if m == 2:
+            t = T2
+        if m == 3:
+            t = T3
+        if m == 4:
+            t = T4
+        if m == 5:
+            t = T5
+        if m == 6:
+            t = T6
+        if m == 7:
+            t = T7
+        return t
 
     @triton.jit
-    def _arithmetic_p(T, t_member_stride, W, STATS, M, cols, mask, inv_t):
-        """p = sum_m w_m softmax(t_m / T) over one block, from each member's (max, sum)."""
-        p = tl.zeros_like(cols).to(tl.float32)
-        for m in range(M):
-            w = tl.load(W + m)
-            mt = tl.load(STATS + 2 * m)
-            lt = tl.load(STATS + 2 * m + 1)
-            t = tl.load(T + m * t_member_stride + cols, mask=mask, other=float("-inf"))
-            p += (w / lt) * tl.exp(t.to(tl.float32) * inv_t - mt)
-        return p
+    def _kl_term(p, log_p, d, q):
+        """One class's share of KL(p || q), never negative: p f(d) with f(d) = exp(-d) - 1 + d
+        and d = log p - log q (the terms sum to the KL because sum(q - p) = 0), and q where
+        p = 0. f is a Taylor series where |d| < 1/4 (where exp(-d) - 1 + d cancels), else
+        exp(log p - d) - p + p d, the q implied by d, so that an error in d's row constant
+        cancels to first order. csrc/kd_row_math.h (kl_term) computes the same."""
+        c6 = 1.0 / 720.0 - d * (1.0 / 5040.0)
+        c4 = 1.0 / 24.0 - d * (1.0 / 120.0 - d * c6)
+        series = d * d * (0.5 - d * (1.0 / 6.0 - d * c4))
+        term = tl.where(tl.abs(d) < 0.25, p * series, tl.exp(log_p - d) - p + p * d)
+        return tl.where(p == 0.0, q, term)
+
+    @triton.jit
+    def _teacher_minus_student(
+        T0, T1, T2, T3, T4, T5, T6, T7, strides, weights, row, cols, mask, s,
+        M: tl.constexpr,
+    ):
+        """D = sum_m w_m (t_m - s) over one block (geometric ensemble): the combined teacher
+        relative to the student, exact where they are close (where the KL cancels)."""
+        diff = tl.zeros(cols.shape, tl.float32)
+        for m in tl.static_range(M):
+            t_row = _member(m, T0, T1, T2, T3, T4, T5, T6, T7) + row * strides[m]
+            t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            diff += weights[m] * (t - s)
+        return diff
 
     @triton.jit
     def _kd_fwd_kernel(
         S,
         s_row_stride,
-        T,
-        t_member_stride,
-        t_row_stride,
-        W,
-        M,
+        T0,
+        T1,
+        T2,
+        T3,
+        T4,
+        T5,
+        T6,
+        T7,
+        ts0,
+        ts1,
+        ts2,
+        ts3,
+        ts4,
+        ts5,
+        ts6,
+        ts7,
+        w0,
+        w1,
+        w2,
+        w3,
+        w4,
+        w5,
+        w6,
+        w7,
         Y,
         COUNTS,
         LOSS,
         G,
-        STATS,
         C,
         inv_t,
         soft_scale,
         hard_scale,
         ignore_index,
         unlabeled_index,
+        M: tl.constexpr,
         HAS_LABELS: tl.constexpr,
         HAS_UNLABELED: tl.constexpr,
         ARITHMETIC: tl.constexpr,
         KL: tl.constexpr,
-        MEAN: tl.constexpr,
+        DEVICE_COUNTS: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        # Every offset below is int64: the row index is, so row * stride is a 64-bit product.
         row = tl.program_id(0).to(tl.int64)
         S += row * s_row_stride
-        T += row * t_row_stride
-        STATS += row * 2 * M
+        G += row * C
         if HAS_LABELS:
             y = tl.load(Y + row)
             in_soft = y != ignore_index
@@ -119,109 +182,137 @@ if triton is not None:
             bad = y != 0
         soft_coef = soft_scale
         hard_coef = hard_scale
-        if MEAN:  # valid-row counts were computed on the device: no host synchronisation
+        if DEVICE_COUNTS:  # "mean" with labels: valid-row counts summed on the device
             soft_coef = soft_coef / tl.maximum(tl.load(COUNTS), 1.0)
             hard_coef = hard_coef / tl.maximum(tl.load(COUNTS + 1), 1.0)
 
-        # Pass 1: running maxima and sums of the student (at T and at 1) and of the teachers.
         offs = tl.arange(0, BLOCK)
         neg_inf = float("-inf")
-        m_s = tl.full((), neg_inf, tl.float32)
-        l_s = tl.zeros((), tl.float32)
-        l_u = tl.zeros((), tl.float32)
-        m_z = tl.full((), neg_inf, tl.float32)
-        l_z = tl.zeros((), tl.float32)
-        if ARITHMETIC:
-            for m in range(M):  # each member's own softmax statistics
-                mt = tl.full((), neg_inf, tl.float32)
-                lt = tl.zeros((), tl.float32)
+        weights = (w0, w1, w2, w3, w4, w5, w6, w7)
+        strides = (ts0, ts1, ts2, ts3, ts4, ts5, ts6, ts7)
+        if in_soft | in_hard:
+            # Every logit enters relative to a value of its own row (the student's first
+            # element, a running max), so a constant added to a row cancels exactly. The
+            # geometric teacher is z = (D + s - s_ref) / T with D = sum_m w_m (t_m - s).
+            s_ref = tl.load(S).to(tl.float32)
+            s_ref = tl.where((s_ref > neg_inf) & (s_ref < float("inf")), s_ref, 0.0)
+            # Arithmetic ensembles keep each member's (max, sum) in registers, one lane each.
+            lane = tl.arange(0, _SLOTS)
+            member_max = tl.full((_SLOTS,), neg_inf, tl.float32)
+            member_sum = tl.zeros((_SLOTS,), tl.float32)
+            if ARITHMETIC:
+                for m in tl.static_range(M):
+                    t_row = _member(m, T0, T1, T2, T3, T4, T5, T6, T7) + row * strides[m]
+                    mt = tl.full((), neg_inf, tl.float32)
+                    lt = tl.zeros((), tl.float32)
+                    for start in range(0, C, BLOCK):
+                        cols = start + offs
+                        t = tl.load(t_row + cols, mask=cols < C, other=neg_inf).to(tl.float32)
+                        mt, lt = _online_update(mt, lt, t, inv_t)
+                    member_max = tl.where(lane == m, mt, member_max)
+                    member_sum = tl.where(lane == m, lt, member_sum)
+
+            # Pass 1: the student's max and sums (at 1 and at T), the combined teacher's.
+            m_s = tl.full((), neg_inf, tl.float32)
+            l_s = tl.zeros((), tl.float32)
+            l_u = tl.zeros((), tl.float32)
+            m_z = tl.full((), neg_inf, tl.float32)
+            l_z = tl.zeros((), tl.float32)
+            diff_max = tl.zeros((), tl.float32)  # max |D| over the finite entries
+            for start in range(0, C, BLOCK):
+                cols = start + offs
+                mask = cols < C
+                s = tl.load(S + cols, mask=mask, other=neg_inf).to(tl.float32)
+                m_new = tl.maximum(m_s, tl.max(s, 0))
+                m_sub = tl.where(m_new == neg_inf, 0.0, m_new)
+                l_s = l_s * tl.exp(m_s - m_sub) + tl.sum(tl.exp(s - m_sub), 0)
+                l_u = l_u * tl.exp((m_s - m_sub) * inv_t) + tl.sum(tl.exp((s - m_sub) * inv_t), 0)
+                m_s = m_new
+                if not ARITHMETIC:
+                    s_hat = tl.where((s > neg_inf) & (s < float("inf")), s, s_ref)
+                    diff = _teacher_minus_student(
+                        T0, T1, T2, T3, T4, T5, T6, T7, strides, weights, row, cols, mask, s_hat, M
+                    )
+                    m_z, l_z = _online_update(m_z, l_z, (diff + (s_hat - s_ref)) * inv_t, 1.0)
+                    small = tl.where(tl.abs(diff) < float("inf"), tl.abs(diff), 0.0)
+                    diff_max = tl.maximum(diff_max, tl.max(small, 0))
+            log_ls = tl.log(l_s)
+            log_lu = tl.log(l_u)
+            log_lz = tl.log(l_z)
+            # Geometric: log p - log q = D / T + d_const. Where the student is near its teachers
+            # (every |D| / T small) that form keeps d's digits; far from them (|D| / T large,
+            # where D / T + d_const would cancel) the two log-softmaxes are subtracted instead.
+            d_const = (m_s - s_ref) * inv_t - m_z - log_lz + log_lu
+            use_diff = diff_max * inv_t <= 64.0
+
+            # Pass 2: the soft term and the gradient.
+            soft_sum = tl.zeros((), tl.float32)
+            for start in range(0, C, BLOCK):
+                cols = start + offs
+                mask = cols < C
+                s = tl.load(S + cols, mask=mask, other=neg_inf).to(tl.float32)
+                ds = s - m_s
+                log_q = ds * inv_t - log_lu
+                q = tl.exp(log_q)
+                if ARITHMETIC:
+                    p = tl.zeros((BLOCK,), tl.float32)
+                    for m in tl.static_range(M):
+                        t_row = _member(m, T0, T1, T2, T3, T4, T5, T6, T7) + row * strides[m]
+                        t = tl.load(t_row + cols, mask=mask, other=neg_inf).to(tl.float32)
+                        mt = tl.max(tl.where(lane == m, member_max, neg_inf), 0)
+                        lt = tl.sum(tl.where(lane == m, member_sum, 0.0), 0)
+                        p += (weights[m] / lt) * tl.exp((t - mt) * inv_t)
+                    log_p = tl.log(p)
+                    d = log_p - log_q
+                else:
+                    finite = (s > neg_inf) & (s < float("inf"))
+                    s_hat = tl.where(finite, s, s_ref)
+                    diff = _teacher_minus_student(
+                        T0, T1, T2, T3, T4, T5, T6, T7, strides, weights, row, cols, mask, s_hat, M
+                    )
+                    z = (diff + (s_hat - s_ref)) * inv_t - m_z
+                    log_p = z - log_lz
+                    p = tl.exp(log_p)
+                    d = tl.where(finite, diff * inv_t + d_const, log_p - log_q)
+                    d = tl.where(use_diff, d, log_p - log_q)
+                if KL:
+                    term = _kl_term(p, log_p, d, q)
+                else:
+                    term = tl.where(p == 0.0, 0.0, -p * log_q)  # 0 log 0 = 0, NaN kept
+                soft_sum += tl.sum(tl.where(mask, term, 0.0), 0)
+                if COMPUTE_GRAD:
+                    r = tl.exp(ds - log_ls)
+                    g = tl.where(in_soft, soft_coef * inv_t * (q - p), 0.0)
+                    g += tl.where(in_hard, hard_coef * (r - tl.where(cols == y, 1.0, 0.0)), 0.0)
+                    g = tl.where(bad, float("nan"), g)
+                    tl.store(G + cols, g.to(G.dtype.element_ty), mask=mask)
+
+            y_safe = tl.where(in_hard & ~bad, y, 0)
+            hard = (m_s - tl.load(S + y_safe).to(tl.float32)) + log_ls
+            loss = tl.where(in_soft, soft_coef * soft_sum, 0.0)
+            loss += tl.where(in_hard, hard_coef * hard, 0.0)
+            tl.store(LOSS + row, tl.where(bad, float("nan"), loss))
+        else:  # an excluded row contributes exactly nothing, and is not read
+            tl.store(LOSS + row, 0.0)
+            if COMPUTE_GRAD:
                 for start in range(0, C, BLOCK):
                     cols = start + offs
-                    mask = cols < C
-                    t = tl.load(T + m * t_member_stride + cols, mask=mask, other=neg_inf)
-                    mt, lt = _online_update(mt, lt, t.to(tl.float32) * inv_t)
-                tl.store(STATS + 2 * m, mt)
-                tl.store(STATS + 2 * m + 1, lt)
-        for start in range(0, C, BLOCK):
-            cols = start + offs
-            mask = cols < C
-            s = tl.load(S + cols, mask=mask, other=neg_inf).to(tl.float32)
-            m_new = tl.maximum(m_s, tl.max(s, 0))
-            m_sub = tl.where(m_new == neg_inf, 0.0, m_new)
-            l_s = l_s * tl.exp(m_s - m_sub) + tl.sum(tl.exp(s - m_sub), 0)
-            l_u = l_u * tl.exp((m_s - m_sub) * inv_t) + tl.sum(tl.exp((s - m_sub) * inv_t), 0)
-            m_s = m_new
-            if not ARITHMETIC:
-                z = _combined_teacher(T, t_member_stride, W, M, cols, mask, inv_t)
-                m_z, l_z = _online_update(m_z, l_z, z)
-        log_ls = tl.log(l_s)
-        log_lu = tl.log(l_u)
-        log_lz = tl.log(l_z)
-        m_u = m_s * inv_t
-
-        # Pass 2: the soft term and the gradient.
-        soft_sum = tl.zeros((), tl.float32)
-        for start in range(0, C, BLOCK):
-            cols = start + offs
-            mask = cols < C
-            s = tl.load(S + cols, mask=mask, other=neg_inf).to(tl.float32)
-            log_q = s * inv_t - m_u - log_lu
-            if ARITHMETIC:
-                p = _arithmetic_p(T, t_member_stride, W, STATS, M, cols, mask, inv_t)
-                log_p = tl.log(p)
-            else:
-                z = _combined_teacher(T, t_member_stride, W, M, cols, mask, inv_t)
-                log_p = z - m_z - log_lz
-                p = tl.exp(log_p)
-            term = p * (log_p - log_q) if KL else -p * log_q
-            soft_sum += tl.sum(tl.where(p == 0.0, 0.0, term), 0)  # 0 log 0 = 0, NaN kept
-            if COMPUTE_GRAD:
-                q = tl.exp(log_q)
-                r = tl.exp(s - m_s - log_ls)
-                g = tl.where(in_soft, soft_coef * inv_t * (q - p), 0.0)
-                g += tl.where(in_hard, hard_coef * (r - tl.where(cols == y, 1.0, 0.0)), 0.0)
-                g = tl.where(bad, float("nan"), g)
-                tl.store(G + row * C + cols, g.to(G.dtype.element_ty), mask=mask)
-
-        y_safe = tl.where(in_hard & ~bad, y, 0)
-        s_y = tl.load(S + y_safe).to(tl.float32)
-        hard = m_s + log_ls - s_y
-        loss = tl.where(in_soft, soft_coef * soft_sum, 0.0) + tl.where(
-            in_hard, hard_coef * hard, 0.0
-        )
-        tl.store(LOSS + row, tl.where(bad, float("nan"), loss))
+                    zero = tl.zeros((BLOCK,), tl.float32)
+                    tl.store(G + cols, zero.to(G.dtype.element_ty), mask=cols < C)
 
 
-def _stacked_teachers(teachers: list[Tensor]) -> Tensor:
-    """The teachers as one [M, N, C] tensor: a view when they are equally spaced slices of one
-    storage (an ensemble passed stacked), else a stacked copy in the first teacher's dtype."""
-    first = teachers[0]
-    if len(teachers) == 1:
-        return first.unsqueeze(0)
-    same = all(
-        t.dtype == first.dtype
-        and t.stride() == first.stride()
-        and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-        for t in teachers
-    )
-    if same:
-        step = teachers[1].storage_offset() - first.storage_offset()
-        offsets = [t.storage_offset() - first.storage_offset() for t in teachers]
-        if step > 0 and offsets == [m * step for m in range(len(teachers))]:
-            return first.as_strided((len(teachers), *first.shape), (step, *first.stride()))
-    return torch.stack([t.to(first.dtype) for t in teachers])
-
-
-def block_size(c: int, device: torch.device) -> int:
+def launch_config(c: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK, num_warps) for rows of c classes."""
     limit = 4096 if device.type == "cuda" else 512  # the interpreter is slow on wide blocks
-    return min(triton.next_power_of_2(c), limit)
+    block = min(triton.next_power_of_2(c), limit)
+    return block, 4 if block <= 1024 else 8
 
 
 def _fused_kd_triton_impl(
     student: Tensor,
-    teachers: Tensor,
+    teachers: list[Tensor],
     labels: Tensor | None,
-    teacher_weights: Tensor,
+    teacher_weights: list[float],
     temperature: float,
     soft_weight: float,
     hard_weight: float,
@@ -234,52 +325,54 @@ def _fused_kd_triton_impl(
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses [N] (float32) and, if compute_grad, d(sum of them)/d(student) [N, C]."""
-    from ._ops import check_op_inputs
-
-    check_op_inputs(student, list(teachers.unbind(0)), labels, teacher_weights.numel())
+    check_op_inputs(student, teachers, labels, len(teacher_weights), same_dtype=False)
+    if len(teachers) > MAX_TEACHERS:
+        raise ValueError(f"the Triton kernel takes at most {MAX_TEACHERS} teachers")
     n, c = student.shape
-    m = teachers.shape[0]
     row_loss = student.new_empty((n,), dtype=torch.float32)
     grad = student.new_empty((n, c) if compute_grad else (0,))
-    if labels is None:
-        counts = torch.tensor([float(n), 0.0], device=student.device)
-    else:
+    soft_scale = soft_weight * (temperature**2 if scale_soft_by_t2 else 1.0)
+    hard_scale = hard_weight
+    device_counts = reduction == "mean" and labels is not None
+    if device_counts:  # summed on the device: no host synchronisation
         soft_rows = labels != ignore_index
-        hard_rows = (
-            soft_rows if unlabeled_index is None else soft_rows & (labels != unlabeled_index)
-        )
+        hard_rows = soft_rows if unlabeled_index is None else soft_rows & (labels != unlabeled_index)
         counts = torch.stack([soft_rows.sum(), hard_rows.sum()]).to(torch.float32)
-    arithmetic = ensemble == "arithmetic"
-    stats = student.new_empty((n, m, 2) if arithmetic else (1,), dtype=torch.float32)
-    block = block_size(c, student.device)
+    else:
+        counts = row_loss  # not read
+        if reduction == "mean":  # no labels: every row is soft-only, and n is known here
+            soft_scale /= max(n, 1)
+    m = len(teachers)
+    slots = [*teachers, *[teachers[0]] * (MAX_TEACHERS - m)]  # unused slots are never read
+    strides = [t.stride(0) for t in slots]
+    weights = [*teacher_weights, *[0.0] * (MAX_TEACHERS - m)]
+    block, num_warps = launch_config(c, student.device)
     if n > 0:
         torch.library.wrap_triton(_kd_fwd_kernel)[(n,)](
             student,
             student.stride(0),
-            teachers,
-            teachers.stride(0),
-            teachers.stride(1),
-            teacher_weights,
-            m,
-            labels if labels is not None else counts,
+            *slots,
+            *strides,
+            *weights,
+            labels if labels is not None else row_loss,
             counts,
             row_loss,
             grad,
-            stats,
             c,
             1.0 / temperature,
-            soft_weight * (temperature**2 if scale_soft_by_t2 else 1.0),
-            hard_weight,
+            soft_scale,
+            hard_scale,
             ignore_index,
             0 if unlabeled_index is None else unlabeled_index,
+            M=m,
             HAS_LABELS=labels is not None,
             HAS_UNLABELED=unlabeled_index is not None,
-            ARITHMETIC=arithmetic,
+            ARITHMETIC=ensemble == "arithmetic" and m > 1,  # one member: the same p
             KL=soft_loss == "kl",
-            MEAN=reduction == "mean",
+            DEVICE_COUNTS=device_counts,
             COMPUTE_GRAD=compute_grad,
             BLOCK=block,
-            num_warps=4 if block <= 1024 else 8,
+            num_warps=num_warps,
         )
     return row_loss, grad
 
@@ -289,16 +382,14 @@ if triton is not None:
     fused_kd_triton = torch.library.triton_op("kdkernels::fused_kd_triton", mutates_args=())(
         _fused_kd_triton_impl
     )
+    # At import, never inside a traced call. The explicit fake keeps tracing (torch.compile,
+    # fake tensors) from running the kernel, which the interpreter would do on fake data.
+    fused_kd_triton.register_fake(fused_fake)
+    register_fused_autograd(fused_kd_triton)
 
 
 def triton_row_losses(problem: Problem) -> Tensor:
     """Run the Triton op on a validated problem; returns the per-row losses [N]."""
-    from ._ops import call_fused, op_arguments, register_fused_autograd
-
-    register_fused_autograd(fused_kd_triton)
-    student = problem.student
-    weights = torch.tensor(problem.weights, dtype=torch.float32, device=student.device)
-    teachers = _stacked_teachers(problem.teachers)
-    args = op_arguments(problem, student, teachers, weights)
+    args = op_arguments(problem, problem.student, problem.teachers, problem.weights)
     row_loss, _ = call_fused(fused_kd_triton, _fused_kd_triton_impl, args)
     return row_loss

@@ -22,6 +22,10 @@ ENSEMBLES = ("geometric", "arithmetic")
 SOFT_LOSSES = ("kl", "cross_entropy")
 REDUCTIONS = ("mean", "sum", "none")
 BACKEND_NAMES = ("auto", "cpu", "cuda", "triton", "torch")
+# Temperatures whose loss float32 can carry (csrc/kd_args.h says the same): below, 1/T overflows
+# or T^2 underflows (T = 1e-40 gave NaN on every backend); above, the soft targets are uniform to
+# the last bit and T^2 magnifies rounding.
+TEMPERATURE_RANGE = (1e-4, 1e4)
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,15 @@ def validate_options(
             f"unlabeled_index ({unlabeled}) must differ from ignore_index ({ignore}): one marks "
             "rows that take the soft term only, the other rows that take no term"
         )
+    t = _number("temperature", temperature, positive=True)
+    low, high = TEMPERATURE_RANGE
+    if not low <= t <= high:
+        raise ValueError(
+            f"temperature must be in [{low:g}, {high:g}], got {t:g}: outside it float32 "
+            "cannot carry the softened softmax (1/T overflows or T**2 underflows)"
+        )
     return Options(
-        temperature=_number("temperature", temperature, positive=True),
+        temperature=t,
         soft_weight=_number("soft_weight", soft_weight, positive=False),
         hard_weight=_number("hard_weight", hard_weight, positive=False),
         ensemble=_choice("ensemble", ensemble, ENSEMBLES),

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from . import _backends
 from ._ops import fused_row_losses
+from ._triton import triton_row_losses
 from ._validate import BACKEND_NAMES, Problem, _choice, validate, validate_options
 from .reference import kd_loss_reference
 
@@ -79,15 +80,15 @@ def distillation_loss(
     name = _backends.select(backend, problem)
     if name == "torch":
         return _reference(problem)
-    if name == "triton":
-        from ._triton import triton_row_losses
-
-        row_loss = triton_row_losses(problem)
-    else:
-        row_loss = fused_row_losses(problem)
+    row_loss = _row_losses(name, problem)
     if reduction == "none":
         return row_loss.reshape(problem.lead_shape)
     return row_loss.sum()
+
+
+def _row_losses(name: str, problem: Problem) -> Tensor:
+    """The per-row losses [N] of a kernel backend (their sum is the loss)."""
+    return triton_row_losses(problem) if name == "triton" else fused_row_losses(problem)
 
 
 def _reference(problem: Problem) -> Tensor:

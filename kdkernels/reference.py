@@ -22,6 +22,31 @@ def _masked_sum_product(p: Tensor, x: Tensor) -> Tensor:
     return torch.where(p == 0, torch.zeros_like(x), p * x).sum(-1)
 
 
+def _shifted(x: Tensor) -> Tensor:
+    """x minus its row max (a constant, so the softmaxes are unchanged): the logits then enter
+    the float32 arithmetic as differences, and a constant added to a row cannot cost digits."""
+    top = x.detach().amax(-1, keepdim=True) if x.shape[0] > 0 else x.detach()[:, :1]
+    return x - torch.where(top.isfinite(), top, torch.zeros_like(top))
+
+
+def kl_terms(p: Tensor, q: Tensor, d: Tensor) -> Tensor:
+    """Per-class terms of KL(p || q) that are each >= 0: p * f(d) with d = log p - log q and
+    f(d) = exp(-d) - 1 + d (their sum is the KL, since sum(q - p) = 0), and q where p = 0.
+
+    Summing p * d directly cancels near p = q: in float32 the KL of two close distributions
+    reads negative. f is evaluated by its Taylor series where |d| < 0.25 (where exp(-d) - 1 + d
+    would cancel), elsewhere as q - p + p d. Every kdkernels backend computes the KL this way.
+    """
+    small = d.abs() < 0.25
+    zero = torch.zeros_like(d)
+    # Each branch sees only the d it is used for, so autograd through the unused branch never
+    # multiplies 0 by an infinite derivative (d is -inf where p = 0, +inf where q = 0).
+    ds = torch.where(small, d, zero)
+    series = ds * ds * (0.5 - ds * (1 / 6 - ds * (1 / 24 - ds * (1 / 120 - ds * (1 / 720 - ds / 5040)))))
+    far = q - p + p * torch.where(p == 0, zero, d)
+    return torch.where(p == 0, q, torch.where(small, p * series, far))
+
+
 def kd_loss_reference(
     student_logits: Tensor,
     teacher_logits: Sequence[Tensor],
@@ -55,8 +80,28 @@ def kd_loss_reference(
     total = sum(weights)
     members = [(w / total, t) for w, t in zip(weights, teachers, strict=True) if w > 0]
 
-    s = student_logits.reshape(-1, c).to(acc)
-    t_rows = [(w, t.detach().reshape(-1, c).to(acc)) for w, t in members]
+    n = student_logits.reshape(-1, c).shape[0]
+    if labels is None:
+        in_soft = torch.ones(n, dtype=torch.bool, device=student_logits.device)
+        in_hard = torch.zeros(n, dtype=torch.bool, device=student_logits.device)
+        y = torch.zeros(n, dtype=torch.long, device=student_logits.device)
+    else:
+        y = labels.reshape(-1).long()
+        in_soft = y != ignore_index
+        in_hard = in_soft if unlabeled_index is None else in_soft & (y != unlabeled_index)
+        y = torch.where(in_hard, y, torch.zeros_like(y))
+
+    # An excluded row contributes exactly nothing, to the loss and to the gradient: its logits
+    # are replaced by zeros before any arithmetic (masking only the result would still send
+    # 0 * NaN = NaN back through the masked branch, e.g. for an all -inf teacher row).
+    def rows_in(rows: Tensor, x: Tensor) -> Tensor:
+        return torch.where(rows.unsqueeze(1), x, torch.zeros_like(x))
+
+    s_all = _shifted(student_logits.reshape(-1, c).to(acc))
+    s = rows_in(in_soft, s_all)
+    t_rows = [
+        (w, rows_in(in_soft, _shifted(t.detach().reshape(-1, c).to(acc)))) for w, t in members
+    ]
     if ensemble == "geometric":
         z = sum(w * t for w, t in t_rows) / temperature
         log_p = F.log_softmax(z, dim=-1)
@@ -67,22 +112,14 @@ def kd_loss_reference(
         )
     p = log_p.exp()
     log_q = F.log_softmax(s / temperature, dim=-1)
-    if soft_loss == "kl":
+    if soft_loss == "kl" and acc == torch.float64:  # the oracle: the definition, term by term
         soft = _masked_sum_product(p, log_p - log_q)
+    elif soft_loss == "kl":  # float32 (backend="torch"): never negative, accurate near p = q
+        soft = kl_terms(p, log_q.exp(), log_p - log_q).sum(-1)
     else:
         soft = -_masked_sum_product(p, log_q)
 
-    n = s.shape[0]
-    if labels is None:
-        in_soft = torch.ones(n, dtype=torch.bool, device=s.device)
-        in_hard = torch.zeros(n, dtype=torch.bool, device=s.device)
-        y = torch.zeros(n, dtype=torch.long, device=s.device)
-    else:
-        y = labels.reshape(-1).long()
-        in_soft = y != ignore_index
-        in_hard = in_soft if unlabeled_index is None else in_soft & (y != unlabeled_index)
-        y = torch.where(in_hard, y, torch.zeros_like(y))
-    log_r = F.log_softmax(s, dim=-1)
+    log_r = F.log_softmax(rows_in(in_hard, s_all), dim=-1)
     hard = -log_r.gather(1, y.unsqueeze(1)).squeeze(1)
 
     soft_scale = soft_weight * (temperature**2 if scale_soft_by_t2 else 1.0)

@@ -8,13 +8,16 @@ the kernel's arithmetic, not the rounding of its inputs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .loss import distillation_loss
 from .reference import kd_loss_reference
 
 
@@ -252,3 +255,58 @@ def rel_error(out: Tensor, ref: Tensor) -> float:
 def tolerance(dtype: torch.dtype) -> float:
     """DESIGN.md section 5: 1e-5 for float32 (and float64) inputs, 1e-2 for float16/bfloat16."""
     return 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+
+
+# The host emulator's default device: an H200's shared memory per block and clusters of up to 8.
+EMULATED_H200 = dict(smem_per_block=227 * 1024, max_cluster=8)
+
+
+@contextlib.contextmanager
+def cuda_kernel_on_cpu(device: dict | None = None, plans: list | None = None):
+    """Route the CPU backend's kernel call to the CUDA kernel run by the host emulator on CPU
+    tensors (on `device`, default EMULATED_H200), appending each launch plan to `plans`."""
+    from . import _C
+
+    device = EMULATED_H200 if device is None else device
+    cpu_kernel = _C.forward_cpu
+
+    def emulated(args):
+        if plans is not None:
+            plans.append(_C.cuda_launch_plan(args, device))
+        _C.forward_cuda_emulated(args, device)
+
+    _C.forward_cpu = emulated
+    try:
+        yield
+    finally:
+        _C.forward_cpu = cpu_kernel
+
+
+def backends_here() -> list[str]:
+    """Every backend this machine can run, as names for `loss_on`: the compiled CPU kernel, the
+    reference, Triton (on a GPU, or under TRITON_INTERPRET=1 on CPU tensors), the CUDA kernel on
+    a GPU, and the CUDA kernel's source on the host emulator."""
+    from ._backends import backends
+
+    status = backends()
+    names = [name for name in ("cpu", "torch", "triton", "cuda") if status[name].available]
+    from . import _C
+
+    if hasattr(_C, "forward_cuda_emulated"):
+        names.append("cuda-emulated")
+    return names
+
+
+def device_of(backend: str) -> str:
+    """Where `backend`'s inputs live here."""
+    if backend == "cuda" or (backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return "cuda"
+    return "cpu"
+
+
+def loss_on(backend: str, *args, **kwargs) -> Tensor:
+    """`distillation_loss` on a name from `backends_here()` (inputs already on its device)."""
+    if backend == "cuda-emulated":
+        with cuda_kernel_on_cpu():
+            return distillation_loss(*args, backend="cpu", **kwargs)
+    return distillation_loss(*args, backend=backend, **kwargs)

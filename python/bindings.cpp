@@ -16,6 +16,7 @@
 
 #include "kd_args.h"
 #include "kd_cpu.h"
+#include "kd_cuda_plan.h"
 #ifdef KDKERNELS_WITH_EMULATOR
 #include "kd_cuda_emulated.h"
 #endif
@@ -222,6 +223,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_launch_plan", &cuda_launch_plan, py::arg("args"), py::arg("device"),
         "The launch the CUDA kernel would make for these arguments (for tests).");
 #endif
+  m.def("cuda_max_cluster", &kd::max_cluster_size, py::arg("device_major"), py::arg("code_arch"),
+        "Largest thread block cluster the CUDA launch uses on a device of this compute "
+        "capability running kernels compiled for code_arch (e.g. 80, 90); for tests.");
   m.def("build_info", &build_info, "How this extension was built.");
   m.def("cuda_status", &cuda_status, "(usable CUDA devices, why none) as the CUDA runtime says.");
 #ifdef KDKERNELS_WITH_CUDA
