@@ -74,14 +74,17 @@ __device__ __forceinline__ void store(T* p, const float (&in)[V]) {
   }
 }
 
-// Online softmax state: running max m, sum l of exp(x - m) and, when kTempered, l_u, the sum of
-// exp((x - m) / T) (the student's softmax at temperature T shares its max with the one at 1).
+// Online softmax state over values x: running max m (in x's units, so every x enters relative to
+// the max and a constant added to a row cancels exactly) and the sum l of exp((x - m) * scale);
+// with kTempered, l is at scale 1 and l_u at `scale` (the student's softmax at temperature T
+// shares its max with the one at 1).
 template <bool kTempered>
 struct Online {
   float m = kNegInf, l = 0.f, l_u = 0.f;
 
   template <int V>
-  __device__ void add(const float (&x)[V], float inv_t) {
+  __device__ void add(const float (&x)[V], float scale) {
+    const float inv_t = scale, sl = kTempered ? 1.f : scale;
     float mx = x[0];
     KD_UNROLL
     for (int k = 1; k < V; ++k) mx = fmaxf(mx, x[k]);  // ignores NaN, which reaches l below
@@ -89,22 +92,24 @@ struct Online {
     KD_UNROLL
     for (int k = 0; k < V; ++k) {
       if (x[k] == kNegInf) continue;  // exp(-inf - m) is 0, but -inf - -inf would be NaN
-      l += __expf(x[k] - m);
+      l += __expf((x[k] - m) * sl);
       if constexpr (kTempered) l_u += __expf((x[k] - m) * inv_t);
     }
   }
 
-  __device__ void merge(const Online& o, float inv_t) {
+  __device__ void merge(const Online& o, float scale) {
+    const float inv_t = scale, sl = kTempered ? 1.f : scale;
     const float mx = fmaxf(m, o.m);
     if (mx == kNegInf) return;  // both empty
-    l = l * __expf(m - mx) + o.l * __expf(o.m - mx);
+    l = l * __expf((m - mx) * sl) + o.l * __expf((o.m - mx) * sl);
     if constexpr (kTempered) l_u = l_u * __expf((m - mx) * inv_t) + o.l_u * __expf((o.m - mx) * inv_t);
     m = mx;
   }
 
  private:
-  __device__ void rescale(float new_max, float inv_t) {
-    l *= __expf(m - new_max);
+  __device__ void rescale(float new_max, float scale) {
+    const float inv_t = scale, sl = kTempered ? 1.f : scale;
+    l *= __expf((m - new_max) * sl);
     if constexpr (kTempered) l_u *= __expf((m - new_max) * inv_t);
     m = new_max;
   }
@@ -169,6 +174,18 @@ __device__ float group_sum(float v, float* scratch) {
 }
 
 template <int kGroup>
+__device__ float group_max(float v, float* scratch) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  if constexpr (kGroup > kWarpSize) {
+    __syncthreads();
+    if (threadIdx.x % kWarpSize == 0) scratch[threadIdx.x / kWarpSize] = v;
+    __syncthreads();
+    for (int w = 0; w < kGroup / kWarpSize; ++w) v = fmaxf(v, scratch[w]);
+  }
+  return v;
+}
+
+template <int kGroup>
 __device__ __forceinline__ void group_sync() {
   if constexpr (kGroup > kWarpSize) {
     __syncthreads();
@@ -182,32 +199,32 @@ __device__ __forceinline__ const Tt* teacher_row(const KDArgs& a, int m, int64_t
   return static_cast<const Tt*>(a.teachers[m]) + row * a.teacher_row_strides[m];
 }
 
-// A teacher row enters the arithmetic relative to its first element (0 if that is not
-// finite): a constant added to the row then cancels exactly instead of costing float32 digits.
-// One scalar load, served by L1 after the first.
-template <typename Tt>
-__device__ __forceinline__ float teacher_ref(const KDArgs& a, int m, int64_t row) {
-  const float first = to_f(teacher_row<Tt>(a, m, row)[0]);
-  return first - first == 0.f ? first : 0.f;
-}
+__device__ __forceinline__ bool finite(float x) { return x - x == 0.f; }
 
-// z = sum_m w_m (t_m - ref_m) / T for V classes starting at j (geometric ensemble).
+// The geometric teacher relative to the student, for V classes starting at j:
+// D = sum_m w_m (t_m - s_hat), exact where teacher and student are close (where the KL cancels),
+// with s_hat the student where finite and s_ref (its row's first finite value or 0) elsewhere.
+// The combined teacher logit is then z = (D + s_hat - s_ref) / T: every term is a difference
+// within the row, so a constant added to a row cancels exactly.
 template <int V, typename Tt>
-__device__ __forceinline__ void geometric_z(const KDArgs& a, int64_t row, int64_t j, float inv_t,
-                                            float (&z)[V]) {
+__device__ __forceinline__ void geometric_diff(const KDArgs& a, int64_t row, int64_t j,
+                                               const float (&s_hat)[V], float (&diff)[V]) {
   KD_UNROLL
-  for (int k = 0; k < V; ++k) z[k] = 0.f;
+  for (int k = 0; k < V; ++k) diff[k] = 0.f;
   for (int m = 0; m < a.num_teachers; ++m) {
     const float w = static_cast<float>(a.teacher_weights[m]);
     if (w == 0.f) continue;
-    const float ref = teacher_ref<Tt>(a, m, row);
     float t[V];
     load<V>(teacher_row<Tt>(a, m, row) + j, t);
     KD_UNROLL
-    for (int k = 0; k < V; ++k) z[k] += w * (t[k] - ref);
+    for (int k = 0; k < V; ++k) diff[k] += w * (t[k] - s_hat[k]);
   }
+}
+
+template <int V>
+__device__ __forceinline__ void student_hat(const float (&s)[V], float s_ref, float (&s_hat)[V]) {
   KD_UNROLL
-  for (int k = 0; k < V; ++k) z[k] *= inv_t;
+  for (int k = 0; k < V; ++k) s_hat[k] = finite(s[k]) ? s[k] : s_ref;
 }
 
 constexpr size_t align16(size_t bytes) { return (bytes + 15) & ~size_t(15); }
@@ -218,7 +235,7 @@ constexpr int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple -
 // group), each row's arithmetic-ensemble member statistics (max, sum), the slots the blocks of a
 // cluster read each other's partial results from, then the optional copy of the row.
 struct SmemLayout {
-  static constexpr int kClusterSlots = 3 + 2 + 2 * kMaxTeachers + 1;  // st, zt, members, soft
+  static constexpr int kClusterSlots = 3 + 2 + 2 * kMaxTeachers + 1 + 1;  // st, zt, members, soft, |D|
 
   size_t scratch, member_stats, cluster_slots, row;  // byte offsets
 
@@ -235,7 +252,7 @@ struct SmemLayout {
 template <typename S, typename Tt>
 size_t row_copy_bytes(const KDArgs& a, int64_t len) {
   const size_t n = static_cast<size_t>(len);
-  const size_t teachers = a.ensemble == Ensemble::kGeometric ? n * sizeof(float)
+  const size_t teachers = combines_logits(a) ? n * sizeof(float)
                                                              : n * sizeof(Tt) * a.num_teachers;
   return align16(n * sizeof(S)) + align16(teachers);
 }
@@ -285,6 +302,14 @@ __device__ Online<kT> cluster_merge(Online<kT> s, float inv_t, float* slot, int 
   return total;
 }
 
+__device__ inline float cluster_max(float v, float* slot, int cluster) {
+  if (threadIdx.x == 0) *slot = v;
+  cluster_sync();
+  float top = v;
+  for (int r = 0; r < cluster; ++r) top = fmaxf(top, *cluster_map(slot, static_cast<unsigned>(r)));
+  return top;
+}
+
 __device__ inline float cluster_sum(float v, float* slot, int cluster) {
   if (threadIdx.x == 0) *slot = v;
   cluster_sync();
@@ -332,29 +357,39 @@ __global__ void __launch_bounds__(kThreads)
   const TermScales scales = term_scales(a, static_cast<int64_t>(counts[0]), static_cast<int64_t>(counts[1]));
   const S* s_row = static_cast<const S*>(a.student) + row * a.student_row_stride;
   const float inv_t = 1.f / static_cast<float>(a.temperature);
-  const bool geometric = a.ensemble == Ensemble::kGeometric;
+  const bool geometric = combines_logits(a);
   const int64_t first = span.begin + int64_t(rank) * V, step = int64_t(kGroup) * V;
+  const float s_first = to_f(s_row[0]);
+  const float s_ref = finite(s_first) ? s_first : 0.f;
 
   // The row copy holds this block's span: class j is at j - span.begin.
   const int64_t span_len = span.end - span.begin;
   unsigned char* copy = smem + kLayout.row;
   S* s_cache = plan.cache_row ? reinterpret_cast<S*>(copy) : nullptr;
   unsigned char* teacher_copy = copy + align16(span_len * sizeof(S));
-  float* z_cache = plan.cache_row && geometric ? reinterpret_cast<float*>(teacher_copy) : nullptr;
+  float* diff_cache = plan.cache_row && geometric ? reinterpret_cast<float*>(teacher_copy) : nullptr;
   Tt* t_cache = plan.cache_row && !geometric ? reinterpret_cast<Tt*>(teacher_copy) : nullptr;
 
-  // Pass 1: online statistics (and the shared-memory copy of the row).
+  // Pass 1: online statistics (and the shared-memory copy of the row). The geometric teacher
+  // is kept as D = sum_m w_m (t_m - s) (see geometric_diff), with the largest finite |D|.
   Online<true> st;
   Online<false> zt;
+  float diff_max = 0.f;
   for (int64_t j = first; j < span.end; j += step) {
     float s[V];
     load<V>(s_row + j, s);
     if (s_cache) store<V>(s_cache + (j - span.begin), s);
     st.add(s, inv_t);
     if (role.soft && geometric) {
-      float z[V];
-      geometric_z<V, Tt>(a, row, j, inv_t, z);
-      if (z_cache) store<V>(z_cache + (j - span.begin), z);
+      float s_hat[V], diff[V], z[V];
+      student_hat(s, s_ref, s_hat);
+      geometric_diff<V, Tt>(a, row, j, s_hat, diff);
+      if (diff_cache) store<V>(diff_cache + (j - span.begin), diff);
+      KD_UNROLL
+      for (int k = 0; k < V; ++k) {
+        z[k] = (diff[k] + (s_hat[k] - s_ref)) * inv_t;
+        if (finite(diff[k])) diff_max = fmaxf(diff_max, fabsf(diff[k]));
+      }
       zt.add(z, 1.f);
     }
   }
@@ -362,24 +397,25 @@ __global__ void __launch_bounds__(kThreads)
   if (cluster > 1) st = cluster_merge(st, inv_t, slots, cluster);
   if (role.soft && geometric) {
     zt = group_merge<kGroup>(zt, 1.f, scratch);
-    if (cluster > 1) zt = cluster_merge(zt, 1.f, slots + 3, cluster);
+    diff_max = group_max<kGroup>(diff_max, scratch);
+    if (cluster > 1) {
+      zt = cluster_merge(zt, 1.f, slots + 3, cluster);
+      diff_max = cluster_max(diff_max, slots + SmemLayout::kClusterSlots - 2, cluster);
+    }
   }
   if (role.soft && !geometric) {  // one sweep per member: each has its own softmax
     for (int m = 0; m < a.num_teachers; ++m) {
       if (a.teacher_weights[m] == 0.0) continue;
       const Tt* t_row = teacher_row<Tt>(a, m, row);
-      const float ref = teacher_ref<Tt>(a, m, row);
-      Online<false> mt;
+      Online<false> mt;  // over the raw logits at scale 1/T: relative to the member's max
       for (int64_t j = first; j < span.end; j += step) {
         float t[V];
         load<V>(t_row + j, t);
         if (t_cache) store<V>(t_cache + m * span_len + (j - span.begin), t);
-        KD_UNROLL
-        for (int k = 0; k < V; ++k) t[k] = (t[k] - ref) * inv_t;
-        mt.add(t, 1.f);
+        mt.add(t, inv_t);
       }
-      mt = group_merge<kGroup>(mt, 1.f, scratch);
-      if (cluster > 1) mt = cluster_merge(mt, 1.f, slots + 5 + 2 * m, cluster);
+      mt = group_merge<kGroup>(mt, inv_t, scratch);
+      if (cluster > 1) mt = cluster_merge(mt, inv_t, slots + 5 + 2 * m, cluster);
       if (rank == 0) {
         member_stats[2 * m] = mt.m;
         member_stats[2 * m + 1] = mt.l;
@@ -391,24 +427,33 @@ __global__ void __launch_bounds__(kThreads)
   // Pass 2: the soft term and the gradient, from the shared-memory copy when there is one.
   const float m_s = st.m, log_ls = __logf(st.l), log_lu = __logf(st.l_u);
   const float m_z = zt.m, log_lz = __logf(zt.l);
+  // Geometric: log p - log q = D / T + d_const. Near the teachers (every |D| / T small) that
+  // form keeps d's digits; far from them, where it would cancel, the log-softmaxes are
+  // subtracted instead (kdkernels/reference.py, _geometric_log_ratio).
+  const float d_const = (m_s - s_ref) * inv_t - m_z - log_lz + log_lu;
+  const bool use_diff = diff_max * inv_t <= 64.f;
   const float cs = role.soft ? static_cast<float>(scales.soft_grad) : 0.f;
   const float ch = role.hard ? static_cast<float>(scales.hard_grad) : 0.f;
   const bool kl = a.soft_loss == SoftLoss::kKL;
   float soft_sum = 0.f;
   for (int64_t j = first; j < span.end; j += step) {
     const int64_t o = j - span.begin;  // position in the row copy
-    float s[V], p[V], log_p[V];
+    float s[V], p[V], log_p[V], d[V];
     load<V>(s_cache ? s_cache + o : s_row + j, s);
     if (role.soft && geometric) {
-      if (z_cache) {
-        load<V>(z_cache + o, log_p);
+      float s_hat[V], diff[V];
+      student_hat(s, s_ref, s_hat);
+      if (diff_cache) {
+        load<V>(diff_cache + o, diff);
       } else {
-        geometric_z<V, Tt>(a, row, j, inv_t, log_p);
+        geometric_diff<V, Tt>(a, row, j, s_hat, diff);
       }
       KD_UNROLL
       for (int k = 0; k < V; ++k) {
-        log_p[k] = log_p[k] - m_z - log_lz;
+        log_p[k] = (diff[k] + (s_hat[k] - s_ref)) * inv_t - m_z - log_lz;
         p[k] = __expf(log_p[k]);
+        const float log_q = (s[k] - m_s) * inv_t - log_lu;
+        d[k] = use_diff && finite(s[k]) ? diff[k] * inv_t + d_const : log_p[k] - log_q;
       }
     } else if (role.soft) {
       KD_UNROLL
@@ -417,14 +462,16 @@ __global__ void __launch_bounds__(kThreads)
         const float w = static_cast<float>(a.teacher_weights[m]);
         if (w == 0.f) continue;
         const float scale = w / member_stats[2 * m + 1], max_m = member_stats[2 * m];
-        const float ref = teacher_ref<Tt>(a, m, row);
         float t[V];
         load<V>(t_cache ? t_cache + m * span_len + o : teacher_row<Tt>(a, m, row) + j, t);
         KD_UNROLL
-        for (int k = 0; k < V; ++k) p[k] += scale * __expf((t[k] - ref) * inv_t - max_m);
+        for (int k = 0; k < V; ++k) p[k] += scale * __expf((t[k] - max_m) * inv_t);
       }
       KD_UNROLL
-      for (int k = 0; k < V; ++k) log_p[k] = __logf(p[k]);
+      for (int k = 0; k < V; ++k) {
+        log_p[k] = __logf(p[k]);
+        d[k] = log_p[k] - ((s[k] - m_s) * inv_t - log_lu);
+      }
     }
     float g[V];
     KD_UNROLL
@@ -433,7 +480,7 @@ __global__ void __launch_bounds__(kThreads)
       if (role.soft) {
         const float log_q = (s[k] - m_s) * inv_t - log_lu;  // relative to the max: shift-invariant
         const float q = __expf(log_q);
-        soft_sum += kl ? kl_term(p[k], q, log_p[k] - log_q) : weighted_or_zero(p[k], -log_q);
+        soft_sum += kl ? kl_term(p[k], log_p[k], d[k], q) : weighted_or_zero(p[k], -log_q);
         g[k] = cs * (q - p[k]);
       }
       if (role.hard) g[k] += ch * (__expf(s[k] - m_s - log_ls) - (j + k == label ? 1.f : 0.f));

@@ -41,6 +41,12 @@ KD_HOST_DEVICE RowRole row_role(const KDArgs& a, int64_t label) {
   return {true, true, true};
 }
 
+// Whether a kernel combines the teachers' logits (geometric mean) rather than their softmaxes:
+// with one member the two means are the same distribution, and the logit path is the cheaper.
+KD_HOST_DEVICE bool combines_logits(const KDArgs& a) {
+  return a.ensemble == Ensemble::kGeometric || a.num_teachers == 1;
+}
+
 // Loss multipliers of the two terms for one row, and the matching gradient multipliers:
 // d(soft_i)/d(s_ij) = (q_ij - p_ij) / T and d(hard_i)/d(s_ij) = r_ij - [j == y_i].
 struct TermScales {
@@ -64,19 +70,6 @@ template <typename Acc>
 KD_HOST_DEVICE Acc weighted_or_zero(Acc e, Acc x) {
   const Acc product = e * x;  // computed unconditionally: the select stays branch-free
   return e == Acc(0) ? Acc(0) : product;
-}
-
-// One class's share of KL(p || q) as a term that is never negative: p f(d) with d = log p - log q
-// and f(d) = exp(-d) - 1 + d >= 0 (the terms sum to the KL because sum_j (q_j - p_j) = 0), and
-// q where p = 0. Summing p d instead cancels near p = q, where float32 reads the KL negative.
-// f is a Taylor series where |d| < 1/4 (there exp(-d) - 1 + d would cancel), else q - p + p d.
-// kdkernels/reference.py (kl_terms) and the Triton kernel (_kl_term) compute the same.
-template <typename Acc>
-KD_HOST_DEVICE Acc kl_term(Acc p, Acc q, Acc d) {
-  const Acc series =
-      d * d * (Acc(0.5) - d * (Acc(1) / 6 - d * (Acc(1) / 24 - d * (Acc(1) / 120 - d * (Acc(1) / 720 - d / 5040)))));
-  const Acc term = (d < Acc(0.25) && d > Acc(-0.25)) ? p * series : q - p + p * d;
-  return p == Acc(0) ? q : term;
 }
 
 template <typename Acc>
@@ -128,6 +121,26 @@ KD_HOST_DEVICE float fast_exp(float x) {
 KD_HOST_DEVICE double fast_exp(double x) {
   using std::exp;
   return exp(x);
+}
+
+// One class's share of KL(p || q) as a term that is never negative: p f(d) with d = log p - log q
+// and f(d) = exp(-d) - 1 + d >= 0 (the terms sum to the KL because sum_j (q_j - p_j) = 0), and
+// q where p = 0. Summing p d instead cancels near p = q, where float32 reads the KL negative.
+// f is a Taylor series where |d| < 1/4 (there exp(-d) - 1 + d would cancel), else
+// exp(log p - d) - p + p d, with the q that d implies, so that an error in d's row constant
+// cancels to first order (log p - d = log q <= 0, fast_exp's range, up to rounding).
+// kdkernels/reference.py (kl_terms) and the Triton kernel (_kl_term) compute the same.
+template <typename Acc>
+KD_HOST_DEVICE Acc kl_term(Acc p, Acc log_p, Acc d, Acc q) {
+  // Both branches are computed and one selected: a loop over classes stays branch-free.
+  const Acc series =
+      d * d *
+      (Acc(0.5) - d * (Acc(1.0 / 6) - d * (Acc(1.0 / 24) - d * (Acc(1.0 / 120) -
+                                                               d * (Acc(1.0 / 720) - d * Acc(1.0 / 5040))))));
+  const Acc far = fast_exp(log_p - d) - p + p * d;
+  const Acc near = p * series;
+  const Acc term = (d < Acc(0.25)) & (d > Acc(-0.25)) ? near : far;
+  return p == Acc(0) ? q : term;
 }
 
 }  // namespace kd

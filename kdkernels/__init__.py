@@ -3,8 +3,8 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from ._ops import allow_repeated_backward
-from .loss import DistillationLoss, backends, distillation_loss
 from ._validate import TEMPERATURE_RANGE
+from .loss import DistillationLoss, backends, distillation_loss
 from .reference import kd_loss_reference
 
 try:

@@ -32,7 +32,7 @@ def check_op_inputs(
 ) -> None:
     """The kernels read raw pointers: whoever calls the op directly (not through
     distillation_loss) gets an error here rather than an out-of-bounds read. `same_dtype`: the
-    kernel takes one dtype for all teachers (the C++ and CUDA kernels; Triton takes each its own)."""
+    kernel takes one dtype for all teachers (the C++ and CUDA kernels; Triton takes each own)."""
 
     def unit_last(x: Tensor) -> bool:
         return x.stride(1) == 1 or x.shape[1] == 1

@@ -71,26 +71,6 @@ if triton is not None:
         return m_new, total
 
     @triton.jit
-    def _member(m: tl.constexpr, T0, T1, T2, T3, T4, T5, T6, T7):
-        """Teacher slot m (a compile-time index) of the eight pointer arguments."""
-        t = T0
-        if m == 1:
-            t = T1
-        if m == 2:
-            t = T2
-        if m == 3:
-            t = T3
-        if m == 4:
-            t = T4
-        if m == 5:
-            t = T5
-        if m == 6:
-            t = T6
-        if m == 7:
-            t = T7
-        return t
-
-    @triton.jit
     def _kl_term(p, log_p, d, q):
         """One class's share of KL(p || q), never negative: p f(d) with f(d) = exp(-d) - 1 + d
         and d = log p - log q (the terms sum to the KL because sum(q - p) = 0), and q where
@@ -105,14 +85,20 @@ if triton is not None:
 
     @triton.jit
     def _teacher_minus_student(
-        T0, T1, T2, T3, T4, T5, T6, T7, strides, weights, row, cols, mask, s,
+        teachers,
+        strides,
+        weights,
+        row,
+        cols,
+        mask,
+        s,
         M: tl.constexpr,
     ):
         """D = sum_m w_m (t_m - s) over one block (geometric ensemble): the combined teacher
         relative to the student, exact where they are close (where the KL cancels)."""
         diff = tl.zeros(cols.shape, tl.float32)
         for m in tl.static_range(M):
-            t_row = _member(m, T0, T1, T2, T3, T4, T5, T6, T7) + row * strides[m]
+            t_row = teachers[m] + row * strides[m]
             t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
             diff += weights[m] * (t - s)
         return diff
@@ -188,6 +174,7 @@ if triton is not None:
 
         offs = tl.arange(0, BLOCK)
         neg_inf = float("-inf")
+        teachers = (T0, T1, T2, T3, T4, T5, T6, T7)  # indexed with compile-time m only
         weights = (w0, w1, w2, w3, w4, w5, w6, w7)
         strides = (ts0, ts1, ts2, ts3, ts4, ts5, ts6, ts7)
         if in_soft | in_hard:
@@ -202,7 +189,7 @@ if triton is not None:
             member_sum = tl.zeros((_SLOTS,), tl.float32)
             if ARITHMETIC:
                 for m in tl.static_range(M):
-                    t_row = _member(m, T0, T1, T2, T3, T4, T5, T6, T7) + row * strides[m]
+                    t_row = teachers[m] + row * strides[m]
                     mt = tl.full((), neg_inf, tl.float32)
                     lt = tl.zeros((), tl.float32)
                     for start in range(0, C, BLOCK):
@@ -231,7 +218,7 @@ if triton is not None:
                 if not ARITHMETIC:
                     s_hat = tl.where((s > neg_inf) & (s < float("inf")), s, s_ref)
                     diff = _teacher_minus_student(
-                        T0, T1, T2, T3, T4, T5, T6, T7, strides, weights, row, cols, mask, s_hat, M
+                        teachers, strides, weights, row, cols, mask, s_hat, M
                     )
                     m_z, l_z = _online_update(m_z, l_z, (diff + (s_hat - s_ref)) * inv_t, 1.0)
                     small = tl.where(tl.abs(diff) < float("inf"), tl.abs(diff), 0.0)
@@ -257,7 +244,7 @@ if triton is not None:
                 if ARITHMETIC:
                     p = tl.zeros((BLOCK,), tl.float32)
                     for m in tl.static_range(M):
-                        t_row = _member(m, T0, T1, T2, T3, T4, T5, T6, T7) + row * strides[m]
+                        t_row = teachers[m] + row * strides[m]
                         t = tl.load(t_row + cols, mask=mask, other=neg_inf).to(tl.float32)
                         mt = tl.max(tl.where(lane == m, member_max, neg_inf), 0)
                         lt = tl.sum(tl.where(lane == m, member_sum, 0.0), 0)
@@ -268,7 +255,7 @@ if triton is not None:
                     finite = (s > neg_inf) & (s < float("inf"))
                     s_hat = tl.where(finite, s, s_ref)
                     diff = _teacher_minus_student(
-                        T0, T1, T2, T3, T4, T5, T6, T7, strides, weights, row, cols, mask, s_hat, M
+                        teachers, strides, weights, row, cols, mask, s_hat, M
                     )
                     z = (diff + (s_hat - s_ref)) * inv_t - m_z
                     log_p = z - log_lz
@@ -336,7 +323,9 @@ def _fused_kd_triton_impl(
     device_counts = reduction == "mean" and labels is not None
     if device_counts:  # summed on the device: no host synchronisation
         soft_rows = labels != ignore_index
-        hard_rows = soft_rows if unlabeled_index is None else soft_rows & (labels != unlabeled_index)
+        hard_rows = (
+            soft_rows if unlabeled_index is None else soft_rows & (labels != unlabeled_index)
+        )
         counts = torch.stack([soft_rows.sum(), hard_rows.sum()]).to(torch.float32)
     else:
         counts = row_loss  # not read

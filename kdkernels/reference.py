@@ -22,28 +22,60 @@ def _masked_sum_product(p: Tensor, x: Tensor) -> Tensor:
     return torch.where(p == 0, torch.zeros_like(x), p * x).sum(-1)
 
 
+def _row_max(x: Tensor) -> Tensor:
+    """The row max [N, 1] (0 where it is not finite), a constant for autograd."""
+    top = x.detach().amax(-1, keepdim=True) if x.shape[0] > 0 else x.detach()[:, :1]
+    return torch.where(top.isfinite(), top, torch.zeros_like(top))
+
+
 def _shifted(x: Tensor) -> Tensor:
     """x minus its row max (a constant, so the softmaxes are unchanged): the logits then enter
     the float32 arithmetic as differences, and a constant added to a row cannot cost digits."""
-    top = x.detach().amax(-1, keepdim=True) if x.shape[0] > 0 else x.detach()[:, :1]
-    return x - torch.where(top.isfinite(), top, torch.zeros_like(top))
+    return x - _row_max(x)
 
 
-def kl_terms(p: Tensor, q: Tensor, d: Tensor) -> Tensor:
+def _geometric_log_ratio(
+    s: Tensor,
+    teachers: list[tuple[float, Tensor]],
+    log_p: Tensor,
+    log_q: Tensor,
+    temperature: float,
+) -> Tensor:
+    """log p - log q for the geometric ensemble, keeping its digits where p is close to q:
+    there it equals D / T + c with D = sum_m w_m (t_m - s), which is exact (the logits nearly
+    cancel) while log p - log q subtracts two numbers of size |log p|. Rows far from their
+    teachers (some |D| / T > 64, where D / T + c would cancel instead) keep log p - log q.
+    `s` and `teachers` are the unshifted logits; the Triton and CUDA kernels do the same."""
+    direct = log_p - log_q
+    diff = sum(w * (t - s) for w, t in teachers)
+    shift = _row_max(s) - sum(w * _row_max(t) for w, t in teachers)
+    lse_u = torch.logsumexp(_shifted(s) / temperature, dim=-1, keepdim=True)
+    lse_z = torch.logsumexp(sum(w * _shifted(t) for w, t in teachers) / temperature, -1, True)
+    finite = s.isfinite() & diff.isfinite()
+    safe = torch.where(finite, diff, torch.zeros_like(diff))
+    near = (safe.abs().amax(-1, keepdim=True) / temperature <= 64) & finite
+    return torch.where(near, safe / temperature + (shift / temperature - lse_z + lse_u), direct)
+
+
+def kl_terms(p: Tensor, log_p: Tensor, d: Tensor, q: Tensor) -> Tensor:
     """Per-class terms of KL(p || q) that are each >= 0: p * f(d) with d = log p - log q and
     f(d) = exp(-d) - 1 + d (their sum is the KL, since sum(q - p) = 0), and q where p = 0.
 
     Summing p * d directly cancels near p = q: in float32 the KL of two close distributions
     reads negative. f is evaluated by its Taylor series where |d| < 0.25 (where exp(-d) - 1 + d
-    would cancel), elsewhere as q - p + p d. Every kdkernels backend computes the KL this way.
+    would cancel), elsewhere as exp(log p - d) - p + p d (the q that d implies, so an error in
+    d's row constant cancels to first order). The Triton and CUDA kernels compute the same.
     """
     small = d.abs() < 0.25
     zero = torch.zeros_like(d)
     # Each branch sees only the d it is used for, so autograd through the unused branch never
     # multiplies 0 by an infinite derivative (d is -inf where p = 0, +inf where q = 0).
     ds = torch.where(small, d, zero)
-    series = ds * ds * (0.5 - ds * (1 / 6 - ds * (1 / 24 - ds * (1 / 120 - ds * (1 / 720 - ds / 5040)))))
-    far = q - p + p * torch.where(p == 0, zero, d)
+    series = (
+        ds * ds * (0.5 - ds * (1 / 6 - ds * (1 / 24 - ds * (1 / 120 - ds * (1 / 720 - ds / 5040)))))
+    )
+    df = torch.where(p == 0, zero, d)
+    far = torch.exp(log_p - df) - p + p * df
     return torch.where(p == 0, q, torch.where(small, p * series, far))
 
 
@@ -97,11 +129,10 @@ def kd_loss_reference(
     def rows_in(rows: Tensor, x: Tensor) -> Tensor:
         return torch.where(rows.unsqueeze(1), x, torch.zeros_like(x))
 
-    s_all = _shifted(student_logits.reshape(-1, c).to(acc))
-    s = rows_in(in_soft, s_all)
-    t_rows = [
-        (w, rows_in(in_soft, _shifted(t.detach().reshape(-1, c).to(acc)))) for w, t in members
-    ]
+    s_raw = rows_in(in_soft, student_logits.reshape(-1, c).to(acc))
+    t_raw = [(w, rows_in(in_soft, t.detach().reshape(-1, c).to(acc))) for w, t in members]
+    s = _shifted(s_raw)
+    t_rows = [(w, _shifted(t)) for w, t in t_raw]
     if ensemble == "geometric":
         z = sum(w * t for w, t in t_rows) / temperature
         log_p = F.log_softmax(z, dim=-1)
@@ -115,11 +146,14 @@ def kd_loss_reference(
     if soft_loss == "kl" and acc == torch.float64:  # the oracle: the definition, term by term
         soft = _masked_sum_product(p, log_p - log_q)
     elif soft_loss == "kl":  # float32 (backend="torch"): never negative, accurate near p = q
-        soft = kl_terms(p, log_q.exp(), log_p - log_q).sum(-1)
+        d = log_p - log_q
+        if ensemble == "geometric":
+            d = _geometric_log_ratio(s_raw, t_raw, log_p, log_q, temperature)
+        soft = kl_terms(p, log_p, d, log_q.exp()).sum(-1)
     else:
         soft = -_masked_sum_product(p, log_q)
 
-    log_r = F.log_softmax(rows_in(in_hard, s_all), dim=-1)
+    log_r = F.log_softmax(_shifted(rows_in(in_hard, student_logits.reshape(-1, c).to(acc))), -1)
     hard = -log_r.gather(1, y.unsqueeze(1)).squeeze(1)
 
     soft_scale = soft_weight * (temperature**2 if scale_soft_by_t2 else 1.0)

@@ -205,7 +205,7 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kdkernels compiled kernels (takes raw pointers; use kdkernels.distillation_loss)";
-  py::class_<kd::KDArgs>(m, "KDArgs");
+  py::class_<kd::KDArgs>(m, "KDArgs", py::module_local());  // never clashes with another build
   m.def("make_args", &make_args, py::kw_only(), py::arg("student"), py::arg("student_row_stride"),
         py::arg("student_dtype"), py::arg("teachers"), py::arg("teacher_row_strides"),
         py::arg("teacher_dtype"), py::arg("teacher_weights"), py::arg("labels"),

@@ -145,19 +145,15 @@ def test_module_matches_function():
     assert torch.equal(criterion(student, teacher, y), expect)
 
 
-def test_auto_picks_cpu_for_cpu_tensors_and_falls_back_for_big_ensembles():
+def test_auto_picks_cpu_for_cpu_tensors():
     student = torch.randn(2, 8)
     assert kd.backends()["cpu"].available
     out_auto = kd.distillation_loss(student, torch.randn(2, 8))
     out_cpu = kd.distillation_loss(student, torch.randn(2, 8).copy_(student), backend="cpu")
     assert out_auto.shape == out_cpu.shape == ()
-    # 65 teachers exceed the kernels' pointer array: auto falls back to the reference.
-    many = torch.randn(65, 2, 8)
-    auto = kd.distillation_loss(student, many)
-    ref = kd.kd_loss_reference(student.double(), many.double())
-    assert rel_error(auto, ref) < 1e-5
+    # 65 teachers exceed the kernels' pointer array: an error that says so (tests/test_faults.py).
     with pytest.raises(ValueError, match="at most 64 teachers"):
-        kd.distillation_loss(student, many, backend="cpu")
+        kd.distillation_loss(student, torch.randn(65, 2, 8), backend="cpu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

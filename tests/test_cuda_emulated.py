@@ -6,14 +6,19 @@ emulator reports a barrier some threads skip and a shuffle after a lane exited.
 What this cannot show: speed, races between warps that a cooperative scheduler never interleaves,
 and the exact rounding of the GPU's fast exp/log (the emulator uses the host's exp and log)."""
 
-import contextlib
-
 import pytest
 import torch
 
 import kdkernels as kd
 from kdkernels import _C
-from kdkernels.testing import raw_kernel_args, rel_error, sample_inputs, tolerance
+from kdkernels.testing import (
+    EMULATED_H200,
+    cuda_kernel_on_cpu,
+    raw_kernel_args,
+    rel_error,
+    sample_inputs,
+    tolerance,
+)
 
 pytestmark = pytest.mark.skipif(
     not hasattr(_C, "forward_cuda_emulated"), reason="the CUDA emulator is built on POSIX only"
@@ -22,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 CASES = list(sample_inputs(seed=5))
 SMALL_CASES = list(sample_inputs(seed=6, small=True))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-H200 = dict(smem_per_block=227 * 1024, max_cluster=8)
+H200 = EMULATED_H200
 # Emulated devices that steer the cases down the kernel's other paths. Every thread is a fiber,
 # so these run the small grid (N <= 37, C <= 1000) in two dtypes to keep CI fast.
 PATHS = {
@@ -34,23 +39,6 @@ PATHS = {
     # of 4 to 8 blocks that merge through each other's shared memory.
     "clusters": dict(smem_per_block=1600, max_cluster=8, warp_row_max_classes=0),
 }
-
-
-@contextlib.contextmanager
-def cuda_kernel_on_cpu(device: dict, plans: list | None = None):
-    """Route the CPU backend's kernel call to the emulated CUDA kernel."""
-    cpu_kernel = _C.forward_cpu
-
-    def emulated(args):
-        if plans is not None:
-            plans.append(_C.cuda_launch_plan(args, device))
-        _C.forward_cuda_emulated(args, device)
-
-    _C.forward_cpu = emulated
-    try:
-        yield
-    finally:
-        _C.forward_cpu = cpu_kernel
 
 
 def run_emulated(case, dtype, device, plans=None):

@@ -92,7 +92,16 @@ class _HostTraffic(TorchDispatchMode):
     """Records the ops that synchronise with the host or copy host data to a device, and every
     tensor an op creates (to catch a stacked copy of the teachers)."""
 
-    SYNCS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "lift_fresh", "lift_fresh_copy"}
+    SYNCS = frozenset(
+        {
+            "_local_scalar_dense",
+            "item",
+            "nonzero",
+            "is_nonzero",
+            "lift_fresh",
+            "lift_fresh_copy",
+        }
+    )
 
     def __init__(self):
         super().__init__()

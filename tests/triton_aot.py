@@ -25,8 +25,16 @@ from triton.compiler import ASTSource
 from kdkernels import _triton as kt
 
 DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-CONSTEXPRS = ("M", "HAS_LABELS", "HAS_UNLABELED", "ARITHMETIC", "KL", "DEVICE_COUNTS",
-              "COMPUTE_GRAD", "BLOCK")
+CONSTEXPRS = (
+    "M",
+    "HAS_LABELS",
+    "HAS_UNLABELED",
+    "ARITHMETIC",
+    "KL",
+    "DEVICE_COUNTS",
+    "COMPUTE_GRAD",
+    "BLOCK",
+)
 
 
 def block_sizes() -> list[int]:
@@ -58,10 +66,21 @@ def specialisations() -> list[dict]:
     for i in range(max(len(pairs), len(blocks), len(flags))):
         student, teacher = pairs[i % len(pairs)]
         arithmetic, labels, grad, kl = flags[i % len(flags)]
-        specs.append(dict(student=student, teacher=teacher, block=blocks[i % len(blocks)],
-                          m=1 + i % kt.MAX_TEACHERS, arithmetic=arithmetic, labels=labels,
-                          unlabeled=labels and i % 3 == 0, grad=grad, kl=kl,
-                          device_counts=labels and i % 2 == 0, aligned=i % 2 == 0))
+        specs.append(
+            dict(
+                student=student,
+                teacher=teacher,
+                block=blocks[i % len(blocks)],
+                m=1 + i % kt.MAX_TEACHERS,
+                arithmetic=arithmetic,
+                labels=labels,
+                unlabeled=labels and i % 3 == 0,
+                grad=grad,
+                kl=kl,
+                device_counts=labels and i % 2 == 0,
+                aligned=i % 2 == 0,
+            )
+        )
     return specs
 
 
@@ -84,17 +103,29 @@ def compile_one(spec: dict, arch: int):
             signature[name] = "constexpr"
         else:  # C, row strides, ignore/unlabeled index: i32, the launcher's usual specialisation
             signature[name] = "i32"
-    constexprs = dict(M=spec["m"], HAS_LABELS=spec["labels"], HAS_UNLABELED=spec["unlabeled"],
-                      ARITHMETIC=spec["arithmetic"], KL=spec["kl"],
-                      DEVICE_COUNTS=spec["device_counts"], COMPUTE_GRAD=spec["grad"],
-                      BLOCK=spec["block"])
+    constexprs = dict(
+        M=spec["m"],
+        HAS_LABELS=spec["labels"],
+        HAS_UNLABELED=spec["unlabeled"],
+        ARITHMETIC=spec["arithmetic"],
+        KL=spec["kl"],
+        DEVICE_COUNTS=spec["device_counts"],
+        COMPUTE_GRAD=spec["grad"],
+        BLOCK=spec["block"],
+    )
     attrs = {}
     if spec["aligned"]:  # 16-byte aligned pointers, strides and C divisible by 16
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-                 if signature[n].startswith("*") or n == "C" or re.fullmatch(r"s_row_stride|ts\d", n)}
+        attrs = {
+            (names.index(n),): [["tt.divisibility", 16]]
+            for n in names
+            if signature[n].startswith("*") or n == "C" or re.fullmatch(r"s_row_stride|ts\d", n)
+        }
     _, num_warps = kt.launch_config(spec["block"], _cuda)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                          target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    return triton.compile(
+        ASTSource(fn, signature, constexprs, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=num_warps),
+    )
 
 
 _DEF = re.compile(r"^\s*(%[\w.#]+)(?::\d+)? = ([\w.]+) (.*)$")
@@ -125,8 +156,16 @@ class _Ssa:
 def i32_offset_products(ttir: str) -> list[str]:
     """32-bit multiplies that flow (through adds, extensions and broadcasts) into an offset."""
     ssa = _Ssa(ttir)
-    passthrough = {"arith.addi", "arith.subi", "arith.extsi", "arith.extui", "tt.splat",
-                   "tt.broadcast", "tt.expand_dims", "arith.muli"}
+    passthrough = {
+        "arith.addi",
+        "arith.subi",
+        "arith.extsi",
+        "arith.extui",
+        "tt.splat",
+        "tt.broadcast",
+        "tt.expand_dims",
+        "arith.muli",
+    }
     found = set()
 
     def walk(name: str, line: int, seen: set) -> None:
