@@ -42,7 +42,7 @@ struct KDArgs {
   int64_t num_rows = 0;     // N
   int64_t num_classes = 0;  // C
 
-  double temperature = 1.0;
+  double temperature = 4.0;  // the defaults are kdkernels._validate.Options
   double soft_weight = 0.9;
   double hard_weight = 0.1;
   bool scale_soft_by_t2 = true;

@@ -1,19 +1,28 @@
-"""Backend selection, in one place. Each backend says why it cannot serve a problem (or None when
-it can); `select` picks the named one or, for "auto", the first that fits in order of speed, and
-when nothing fits the error lists every backend's reason.
+"""The backend registry: the one place that knows the backends. Each is one record (which devices
+it serves, why it is missing here, checked once and cached, why it cannot serve a problem, and its
+loss function); `select` picks the named one or, for "auto", the first present one that fits in
+order of speed, and when nothing fits the error lists every backend's reason (as xformers does).
+
+Adding a backend: its module, and one record in REGISTRY.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from types import ModuleType
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
+from . import _triton
+from ._extension import load_extension
+from ._ops import fused_row_losses
 from ._validate import Problem
+from .reference import kd_loss_reference
 
-MAX_TEACHERS = 64  # the kernels take teacher pointers in a fixed array (csrc/kd_args.h)
+MAX_TEACHERS = 64  # the C++ and CUDA kernels take teacher pointers in a fixed array (kd_args.h)
 
 
 class BackendStatus(NamedTuple):
@@ -21,98 +30,155 @@ class BackendStatus(NamedTuple):
     reason: str  # what it serves, or why it is unavailable here
 
 
-def load_extension() -> tuple[ModuleType | None, str]:
-    try:
-        from . import _C
-    except ImportError as exc:  # a source checkout that was never built, or a broken wheel
-        return None, f"the compiled extension kdkernels._C is missing ({exc}); install the wheel"
-    return _C, ""
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...] | None  # the device types whose tensors it serves (None: any)
+    serves: str  # the same in words, for error messages
+    missing: Callable[[], str | None]  # why it is not usable on this machine (None: usable)
+    cannot_serve: Callable[[Problem], str | None]  # why not these inputs (None: it can)
+    loss: Callable[[Problem], Tensor]  # the loss, reduced as the options say
+    kernel: bool = True  # False for the pure-PyTorch reference
 
 
-def _cpu(problem: Problem | None) -> str | None:
-    ext, why = load_extension()
-    if ext is None:
-        return why
-    if problem is None:
-        return None
-    if problem.student.device.type != "cpu":
-        return f"it serves CPU tensors; the inputs are on {problem.student.device}"
-    if len(problem.teachers) > MAX_TEACHERS:
-        return f"it takes at most {MAX_TEACHERS} teachers; got {len(problem.teachers)}"
-    return None
+def _reduce(problem: Problem, row_losses: Callable[[Problem], Tensor]) -> Tensor:
+    rows = row_losses(problem)  # weighted and divided by the row counts: the loss is their sum
+    return rows.reshape(problem.lead_shape) if problem.options.reduction == "none" else rows.sum()
 
 
-def _cuda(problem: Problem | None) -> str | None:
+def _fused_loss(problem: Problem) -> Tensor:
+    return _reduce(problem, fused_row_losses)
+
+
+def _triton_loss(problem: Problem) -> Tensor:
+    return _reduce(problem, _triton.triton_row_losses)
+
+
+def _reference_loss(problem: Problem) -> Tensor:
+    o = problem.options
+    loss = kd_loss_reference(
+        problem.student,
+        problem.teachers,
+        problem.labels,
+        teacher_weights=problem.weights,
+        **asdict(o),
+    )
+    return loss.reshape(problem.lead_shape if o.reduction == "none" else ())
+
+
+def _cpu_missing() -> str | None:
+    return load_extension()[1] or None
+
+
+def _cuda_missing() -> str | None:
     ext, why = load_extension()
     if ext is None:
         return why
     build = ext.build_info()
     if not build["cuda"]:
         return "not compiled: this build has no CUDA kernels (nvcc not found or KDKERNELS_CUDA=OFF)"
+    compiled = f"compiled (CUDA {build['cuda_version']}, sm {build['cuda_architectures']})"
+    if not torch.cuda.is_available():  # the common case: a machine without a GPU
+        return f"{compiled}, but this machine has no GPU that torch can use"
     devices, why = ext.cuda_status()
-    if devices == 0 or not torch.cuda.is_available():
-        return (
-            f"compiled (CUDA {build['cuda_version']}, sm {build['cuda_architectures']}), "
-            f"but no GPU is usable here: {why or 'torch sees no CUDA device'}"
-        )
-    if problem is None:
-        return None
-    if problem.student.device.type != "cuda":
-        return f"it serves CUDA tensors; the inputs are on {problem.student.device}"
+    if devices == 0:
+        return f"{compiled}, but no GPU is usable here: {why}"
+    return None
+
+
+def _too_many(limit: int) -> Callable[[Problem], str | None]:
+    def check(problem: Problem) -> str | None:
+        m = len(problem.teachers)
+        return f"it takes at most {limit} teachers; got {m}" if m > limit else None
+
+    return check
+
+
+def _no_float64(problem: Problem) -> str | None:
     dtypes = {problem.student.dtype} | {t.dtype for t in problem.teachers}
     if torch.float64 in dtypes:
         return "float64 inputs are not supported (float32/float16/bfloat16)"
-    if len(problem.teachers) > MAX_TEACHERS:
-        return f"it takes at most {MAX_TEACHERS} teachers; got {len(problem.teachers)}"
     return None
 
 
-def _triton(problem: Problem | None) -> str | None:
-    from ._triton import triton_unavailable
+def _all(*checks: Callable[[Problem], str | None]) -> Callable[[Problem], str | None]:
+    def check(problem: Problem) -> str | None:
+        return next((why for c in checks if (why := c(problem)) is not None), None)
 
-    return triton_unavailable(problem)
-
-
-def _torch(problem: Problem | None) -> str | None:
-    return None
+    return check
 
 
-_CHECKS: dict[str, Callable[[Problem | None], str | None]] = {
-    "cuda": _cuda,
-    "triton": _triton,
-    "cpu": _cpu,
-    "torch": _torch,
+# In order of speed: "auto" takes the first present one that serves the inputs' device.
+REGISTRY: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend(
+            "cuda",
+            ("cuda",),
+            "CUDA tensors",
+            _cuda_missing,
+            _all(_no_float64, _too_many(MAX_TEACHERS)),
+            _fused_loss,
+        ),
+        Backend(
+            "triton",
+            _triton.devices(),
+            "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)",
+            _triton.missing,
+            _all(_no_float64, _too_many(_triton.MAX_TEACHERS)),
+            _triton_loss,
+        ),
+        Backend("cpu", ("cpu",), "CPU tensors", _cpu_missing, _too_many(MAX_TEACHERS), _fused_loss),
+        Backend("torch", None, "any tensors", lambda: None, lambda _: None, _reference_loss, False),
+    )
 }
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+NAMES = ("auto", *REGISTRY)
+
+
+@functools.cache
+def missing(name: str) -> str | None:
+    """Why backend `name` is not usable on this machine (None: usable). Checked once."""
+    return REGISTRY[name].missing()
+
+
+def why_not(name: str, problem: Problem) -> str | None:
+    """Why backend `name` cannot serve `problem` (None: it can)."""
+    backend = REGISTRY[name]
+    if (why := missing(name)) is not None:
+        return why
+    if backend.devices is not None and problem.student.device.type not in backend.devices:
+        return f"it serves {backend.serves}; the inputs are on {problem.student.device}"
+    return backend.cannot_serve(problem)
 
 
 def backends() -> dict[str, BackendStatus]:
     """Which backends this installation has, and for each missing one why."""
-    status = {}
-    for name, check in _CHECKS.items():
-        reason = check(None)
-        status[name] = BackendStatus(reason is None, reason or "available")
-    return status
+    return {
+        name: BackendStatus(missing(name) is None, missing(name) or "available")
+        for name in REGISTRY
+    }
 
 
-def select(name: str, problem: Problem) -> str:
+def select(name: str, problem: Problem) -> Backend:
     if name != "auto":
-        reason = _CHECKS[name](problem)
+        reason = why_not(name, problem)
         if reason is not None:
             raise ValueError(f"backend={name!r} cannot serve these inputs: {reason}")
-        return name
+        return REGISTRY[name]
     # The reference serves "auto" only where no kernel for the device is present at all: a
     # kernel that is present but cannot serve these inputs (65 teachers, say) is an error that
     # says why, never a silent fallback to the reference's several [N, C] temporaries.
-    order = _AUTO_ORDER.get(problem.student.device.type, ("torch",))
+    device = problem.student.device.type
     reasons = {}
-    for candidate in order:
-        if candidate == "torch" and any(_CHECKS[k](None) is None for k in reasons):
+    for backend in REGISTRY.values():
+        if backend.devices is not None and device not in backend.devices:
+            continue
+        if not backend.kernel and any(missing(k) is None for k in reasons):
             break
-        reason = _CHECKS[candidate](problem)
+        reason = why_not(backend.name, problem)
         if reason is None:
-            return candidate
-        reasons[candidate] = reason
+            return backend
+        reasons[backend.name] = reason
     listed = "; ".join(f"{k}: {v}" for k, v in reasons.items())
     raise ValueError(
         f"no kdkernels kernel can serve these inputs ({listed}); backend='torch' runs the "

@@ -12,10 +12,12 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ._backends import load_extension
-from ._validate import ENSEMBLES, REDUCTIONS, SOFT_LOSSES, Problem
+from ._extension import load_extension
+from ._validate import Problem
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+def _dtype_name(x: Tensor) -> str:
+    return str(x.dtype).removeprefix("torch.")
 
 
 def _loss_dtype(student: Tensor) -> torch.dtype:
@@ -84,10 +86,10 @@ def _fused_kd_impl(
     args = ext.make_args(
         student=student.data_ptr(),
         student_row_stride=student.stride(0),
-        student_dtype=_DTYPE_CODES[student.dtype],
+        student_dtype=ext.DTYPE_CODES[_dtype_name(student)],
         teachers=[t.data_ptr() for t in teachers],
         teacher_row_strides=[t.stride(0) for t in teachers],
-        teacher_dtype=_DTYPE_CODES[teachers[0].dtype],
+        teacher_dtype=ext.DTYPE_CODES[_dtype_name(teachers[0])],
         teacher_weights=teacher_weights,
         labels=0 if labels is None else labels.data_ptr(),
         ignore_index=ignore_index,
@@ -98,9 +100,9 @@ def _fused_kd_impl(
         soft_weight=soft_weight,
         hard_weight=hard_weight,
         scale_soft_by_t2=scale_soft_by_t2,
-        ensemble=ENSEMBLES.index(ensemble),
-        soft_loss=SOFT_LOSSES.index(soft_loss),
-        reduction=REDUCTIONS.index(reduction),
+        ensemble=ext.ENSEMBLE_CODES[ensemble],
+        soft_loss=ext.SOFT_LOSS_CODES[soft_loss],
+        reduction=ext.REDUCTION_CODES[reduction],
         row_loss=row_loss.data_ptr(),
         grad=grad.data_ptr() if compute_grad else 0,
         num_threads=torch.get_num_threads(),

@@ -36,24 +36,17 @@ except ImportError:  # the triton extra is not installed
 MAX_TEACHERS = 8  # teacher pointers are kernel arguments T0..T7
 
 
-def triton_unavailable(problem: Problem | None) -> str | None:
-    """Why the Triton backend cannot serve `problem` (None when it can)."""
+def devices() -> tuple[str, ...]:
+    """The device types whose tensors the Triton backend serves in this process."""
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def missing() -> str | None:
+    """Why the Triton backend is not usable here (None when it is)."""
     if triton is None:
         return "Triton is not installed (pip install 'kdkernels[triton]')"
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if problem is None:
-        if not interpret and not torch.cuda.is_available():
-            return "installed, but no GPU is available (TRITON_INTERPRET=1 runs it on CPU tensors)"
-        return None
-    device = problem.student.device.type
-    if device != "cuda" and not (device == "cpu" and interpret):
-        where = "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-        return f"it serves {where}; the inputs are on {device}"
-    dtypes = {problem.student.dtype} | {t.dtype for t in problem.teachers}
-    if torch.float64 in dtypes:
-        return "float64 inputs are not supported (float32/float16/bfloat16)"
-    if len(problem.teachers) > MAX_TEACHERS:
-        return f"it takes at most {MAX_TEACHERS} teachers; got {len(problem.teachers)}"
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        return "installed, but no GPU is available (TRITON_INTERPRET=1 runs it on CPU tensors)"
     return None
 
 

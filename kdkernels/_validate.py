@@ -12,7 +12,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import Tensor
@@ -21,7 +21,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ENSEMBLES = ("geometric", "arithmetic")
 SOFT_LOSSES = ("kl", "cross_entropy")
 REDUCTIONS = ("mean", "sum", "none")
-BACKEND_NAMES = ("auto", "cpu", "cuda", "triton", "torch")
 # Temperatures whose loss float32 can carry (csrc/kd_args.h says the same): below, 1/T overflows
 # or T^2 underflows (T = 1e-40 gave NaN on every backend); above, the soft targets are uniform to
 # the last bit and T^2 magnifies rounding.
@@ -82,18 +81,19 @@ def _index(name: str, value: object) -> int:
     return value
 
 
-def validate_options(
-    *,
-    temperature: object,
-    soft_weight: object,
-    hard_weight: object,
-    ensemble: object,
-    soft_loss: object,
-    scale_soft_by_t2: object,
-    ignore_index: object,
-    unlabeled_index: object,
-    reduction: object,
-) -> Options:
+OPTION_NAMES = tuple(f.name for f in fields(Options))
+
+
+def validate_options(**given: object) -> Options:
+    """Options from keyword values (any subset of OPTION_NAMES; the rest take Options'
+    defaults), each checked: TypeError for a wrong type or an unknown name, ValueError for a
+    wrong value."""
+    unknown = sorted(set(given) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"unknown options {unknown}; the options are {list(OPTION_NAMES)}")
+    values = {**asdict(Options()), **given}
+    temperature, scale_soft_by_t2 = values["temperature"], values["scale_soft_by_t2"]
+    ignore_index, unlabeled_index = values["ignore_index"], values["unlabeled_index"]
     if not isinstance(scale_soft_by_t2, bool):
         raise TypeError(f"scale_soft_by_t2 must be a bool, got {type(scale_soft_by_t2).__name__}")
     ignore = _index("ignore_index", ignore_index)
@@ -112,14 +112,14 @@ def validate_options(
         )
     return Options(
         temperature=t,
-        soft_weight=_number("soft_weight", soft_weight, positive=False),
-        hard_weight=_number("hard_weight", hard_weight, positive=False),
-        ensemble=_choice("ensemble", ensemble, ENSEMBLES),
-        soft_loss=_choice("soft_loss", soft_loss, SOFT_LOSSES),
+        soft_weight=_number("soft_weight", values["soft_weight"], positive=False),
+        hard_weight=_number("hard_weight", values["hard_weight"], positive=False),
+        ensemble=_choice("ensemble", values["ensemble"], ENSEMBLES),
+        soft_loss=_choice("soft_loss", values["soft_loss"], SOFT_LOSSES),
         scale_soft_by_t2=scale_soft_by_t2,
         ignore_index=ignore,
         unlabeled_index=unlabeled,
-        reduction=_choice("reduction", reduction, REDUCTIONS),
+        reduction=_choice("reduction", values["reduction"], REDUCTIONS),
     )
 
 

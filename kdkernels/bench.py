@@ -23,6 +23,7 @@ from torch import Tensor
 
 import kdkernels
 
+from ._backends import REGISTRY, missing
 from .reference import kd_loss_reference
 
 TEMPERATURE, SOFT_WEIGHT, HARD_WEIGHT = 4.0, 0.9, 0.1
@@ -135,9 +136,9 @@ def providers(device: str = "cpu") -> dict[str, Callable[[Tensor, Tensor, Tensor
     if "compile" not in _compiled:
         _compiled["compile"] = torch.compile(eager_kd_loss)
     found = {"eager": eager_kd_loss, "compile": _compiled["compile"]}
-    for name, status in kdkernels.backends().items():
-        serves = "cpu" if name == "cpu" else "cuda"
-        if status.available and name != "torch" and serves == device:
+    # Each kernel on its own device (the first it serves: Triton on CPU is the test interpreter).
+    for name, backend in REGISTRY.items():
+        if backend.kernel and missing(name) is None and backend.devices[0] == device:
             found[f"kdkernels-{name}"] = _kdkernels_provider(name)
     if "kdkernels-cuda" in found:
         found["kdkernels-cuda-no-smem-row"] = _without_row_cache(found["kdkernels-cuda"])

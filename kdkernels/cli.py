@@ -10,7 +10,8 @@ import torch
 
 import kdkernels
 
-from ._backends import load_extension
+from ._backends import NAMES
+from ._extension import load_extension
 from .bench import GRIDS
 from .train import Config as TrainConfig
 
@@ -61,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--soft-weight", type=float, default=defaults.soft_weight)
     t.add_argument("--hard-weight", type=float, default=defaults.hard_weight)
     t.add_argument("--ensemble", default=defaults.ensemble, choices=["geometric", "arithmetic"])
-    t.add_argument(
-        "--backend", default=defaults.backend, choices=["auto", "cpu", "cuda", "triton", "torch"]
-    )
+    t.add_argument("--backend", default=defaults.backend, choices=list(NAMES))
     t.add_argument("--teacher-epochs", type=int, default=defaults.teacher_epochs)
     t.add_argument("--student-epochs", type=int, default=defaults.student_epochs)
     t.add_argument("--data-dir", help="folder with MNIST's IDX files (never downloaded)")

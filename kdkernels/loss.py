@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, replace
 
 from torch import Tensor, nn
 
 from . import _backends
-from ._ops import fused_row_losses
-from ._triton import triton_row_losses
-from ._validate import BACKEND_NAMES, Problem, _choice, validate, validate_options
-from .reference import kd_loss_reference
+from ._validate import OPTION_NAMES, Options, _choice, validate, validate_options
 
 
 def distillation_loss(
@@ -75,43 +73,17 @@ def distillation_loss(
         unlabeled_index=unlabeled_index,
         reduction=reduction,
     )
-    backend = _choice("backend", backend, BACKEND_NAMES)
+    backend = _choice("backend", backend, _backends.NAMES)
     problem = validate(student_logits, teacher_logits, labels, teacher_weights, options)
-    name = _backends.select(backend, problem)
-    if name == "torch":
-        return _reference(problem)
-    row_loss = _row_losses(name, problem)
-    if reduction == "none":
-        return row_loss.reshape(problem.lead_shape)
-    return row_loss.sum()
-
-
-def _row_losses(name: str, problem: Problem) -> Tensor:
-    """The per-row losses [N] of a kernel backend (their sum is the loss)."""
-    return triton_row_losses(problem) if name == "triton" else fused_row_losses(problem)
-
-
-def _reference(problem: Problem) -> Tensor:
-    o = problem.options
-    return kd_loss_reference(
-        problem.student,
-        problem.teachers,
-        problem.labels,
-        temperature=o.temperature,
-        soft_weight=o.soft_weight,
-        hard_weight=o.hard_weight,
-        ensemble=o.ensemble,
-        teacher_weights=problem.weights,
-        soft_loss=o.soft_loss,
-        scale_soft_by_t2=o.scale_soft_by_t2,
-        ignore_index=o.ignore_index,
-        unlabeled_index=o.unlabeled_index,
-        reduction=o.reduction,
-    ).reshape(problem.lead_shape if o.reduction == "none" else ())
+    return _backends.select(backend, problem).loss(problem)
 
 
 class DistillationLoss(nn.Module):
     """`distillation_loss` as a module: options at construction, tensors at call.
+
+    Every option is an attribute that takes effect on the next call and shows in the repr, so
+    a temperature schedule can assign ``criterion.temperature = 2.0``; a bad value is refused at
+    the assignment, and an unknown attribute name raises AttributeError.
 
     >>> criterion = DistillationLoss(temperature=4.0, soft_weight=0.9, hard_weight=0.1)
     >>> loss = criterion(student_logits, teacher_logits, labels)
@@ -119,14 +91,28 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, **options: object) -> None:
         super().__init__()
-        self.options = dict(options)
-        # Check the options now rather than at the first batch; tensors are checked per call.
-        validate_options(
-            **{**_OPTION_DEFAULTS, **{k: v for k, v in options.items() if k in _OPTION_DEFAULTS}}
-        )
-        unknown = set(options) - set(_OPTION_DEFAULTS) - {"teacher_weights", "backend"}
+        extra = {k: options.pop(k) for k in ("teacher_weights", "backend") if k in options}
+        unknown = sorted(set(options) - set(OPTION_NAMES))
         if unknown:
-            raise TypeError(f"DistillationLoss got unknown options {sorted(unknown)}")
+            raise TypeError(f"DistillationLoss got unknown options {unknown}")
+        # Checked now rather than at the first batch; tensors are checked per call.
+        self._options = validate_options(**options)
+        self.teacher_weights = extra.get("teacher_weights")
+        self.backend = _choice("backend", extra.get("backend", "auto"), _backends.NAMES)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in OPTION_NAMES:
+            value = getattr(validate_options(**{name: value}), name)
+            object.__setattr__(self, "_options", replace(self._options, **{name: value}))
+        elif name == "backend":
+            super().__setattr__(name, _choice("backend", value, _backends.NAMES))
+        elif name.startswith("_") or name in _MODULE_ATTRIBUTES or hasattr(self, name):
+            super().__setattr__(name, value)
+        else:
+            raise AttributeError(
+                f"DistillationLoss has no option {name!r}; the options are "
+                f"{[*OPTION_NAMES, 'teacher_weights', 'backend']}"
+            )
 
     def forward(
         self,
@@ -134,23 +120,34 @@ class DistillationLoss(nn.Module):
         teacher_logits: Tensor | Sequence[Tensor],
         labels: Tensor | None = None,
     ) -> Tensor:
-        return distillation_loss(student_logits, teacher_logits, labels, **self.options)
+        return distillation_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            teacher_weights=self.teacher_weights,
+            backend=self.backend,
+            **asdict(self._options),
+        )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        shown = {k: v for k, v in asdict(self._options).items() if v != getattr(_DEFAULTS, k)}
+        if self.teacher_weights is not None:
+            shown["teacher_weights"] = self.teacher_weights
+        if self.backend != "auto":
+            shown["backend"] = self.backend
+        return ", ".join(f"{k}={v!r}" for k, v in shown.items())
 
 
-_OPTION_DEFAULTS: dict[str, object] = {
-    "temperature": 4.0,
-    "soft_weight": 0.9,
-    "hard_weight": 0.1,
-    "ensemble": "geometric",
-    "soft_loss": "kl",
-    "scale_soft_by_t2": True,
-    "ignore_index": -100,
-    "unlabeled_index": None,
-    "reduction": "mean",
-}
+_DEFAULTS = Options()
+_MODULE_ATTRIBUTES = frozenset({"training", "teacher_weights"})
+
+
+def _option_property(name: str) -> property:
+    return property(lambda self: getattr(self._options, name), doc=f"the {name} option")
+
+
+for _name in OPTION_NAMES:
+    setattr(DistillationLoss, _name, _option_property(_name))
 
 
 def backends() -> dict[str, _backends.BackendStatus]:

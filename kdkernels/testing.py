@@ -286,13 +286,12 @@ def backends_here() -> list[str]:
     """Every backend this machine can run, as names for `loss_on`: the compiled CPU kernel, the
     reference, Triton (on a GPU, or under TRITON_INTERPRET=1 on CPU tensors), the CUDA kernel on
     a GPU, and the CUDA kernel's source on the host emulator."""
-    from ._backends import backends
+    from ._backends import REGISTRY, missing
+    from ._extension import load_extension
 
-    status = backends()
-    names = [name for name in ("cpu", "torch", "triton", "cuda") if status[name].available]
-    from . import _C
-
-    if hasattr(_C, "forward_cuda_emulated"):
+    names = [name for name in REGISTRY if missing(name) is None]
+    ext, _ = load_extension()
+    if ext is not None and hasattr(ext, "forward_cuda_emulated"):
         names.append("cuda-emulated")
     return names
 

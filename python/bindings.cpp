@@ -226,6 +226,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_max_cluster", &kd::max_cluster_size, py::arg("device_major"), py::arg("code_arch"),
         "Largest thread block cluster the CUDA launch uses on a device of this compute "
         "capability running kernels compiled for code_arch (e.g. 80, 90); for tests.");
+  // The enum codes of kd_args.h by name: the Python side passes these, never positions in a tuple.
+  using namespace pybind11::literals;
+  m.attr("DTYPE_CODES") = py::dict("float32"_a = int(kd::DType::kFloat32), "float16"_a = int(kd::DType::kFloat16),
+                                   "bfloat16"_a = int(kd::DType::kBFloat16), "float64"_a = int(kd::DType::kFloat64));
+  m.attr("ENSEMBLE_CODES") =
+      py::dict("geometric"_a = int(kd::Ensemble::kGeometric), "arithmetic"_a = int(kd::Ensemble::kArithmetic));
+  m.attr("SOFT_LOSS_CODES") =
+      py::dict("kl"_a = int(kd::SoftLoss::kKL), "cross_entropy"_a = int(kd::SoftLoss::kCrossEntropy));
+  m.attr("REDUCTION_CODES") = py::dict("mean"_a = int(kd::Reduction::kMean), "sum"_a = int(kd::Reduction::kSum),
+                                       "none"_a = int(kd::Reduction::kNone));
+  m.attr("TEMPERATURE_RANGE") = py::make_tuple(kd::kMinTemperature, kd::kMaxTemperature);
   m.def("build_info", &build_info, "How this extension was built.");
   m.def("cuda_status", &cuda_status, "(usable CUDA devices, why none) as the CUDA runtime says.");
 #ifdef KDKERNELS_WITH_CUDA

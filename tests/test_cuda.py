@@ -19,7 +19,7 @@ def test_backends_report_why_cuda_is_unavailable():
         assert not status.available and "not compiled" in status.reason
     elif not HAS_GPU:
         assert not status.available
-        assert "compiled (CUDA" in status.reason and "no GPU is usable" in status.reason
+        assert "compiled (CUDA" in status.reason and "no GPU" in status.reason
     else:
         assert status.available
 

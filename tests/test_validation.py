@@ -213,3 +213,26 @@ def test_op_called_directly_checks_shapes_before_reading_pointers():
         fused_kd(s, [t], *args)
     with pytest.raises(ValueError, match="labels must be a contiguous int64"):
         fused_kd(s, [torch.randn(4, 10)], torch.zeros(3, dtype=torch.long), *args[1:])
+
+
+def test_option_names_and_codes_agree_with_the_extension():
+    """The C++ enums and limits are reached by name, and the Python choices are exactly them."""
+    from kdkernels._validate import ENSEMBLES, REDUCTIONS, SOFT_LOSSES, TEMPERATURE_RANGE
+
+    assert set(_C.ENSEMBLE_CODES) == set(ENSEMBLES)
+    assert set(_C.SOFT_LOSS_CODES) == set(SOFT_LOSSES)
+    assert set(_C.REDUCTION_CODES) == set(REDUCTIONS)
+    assert _C.TEMPERATURE_RANGE == TEMPERATURE_RANGE
+
+
+def test_module_options_are_attributes_that_take_effect():
+    s, t = torch.randn(4, 6), torch.randn(4, 6)
+    criterion = kd.DistillationLoss(temperature=2.0, backend="cpu")
+    criterion.temperature = 3.0  # a schedule written the natural way
+    assert "temperature=3.0" in repr(criterion)
+    torch.testing.assert_close(criterion(s, t), kd.distillation_loss(s, t, temperature=3.0))
+    with pytest.raises(ValueError, match="temperature must be"):
+        criterion.temperature = 0.0
+    with pytest.raises(AttributeError, match="no option 'temprature'"):
+        criterion.temprature = 3.0
+    assert criterion.temperature == 3.0
