@@ -218,7 +218,7 @@ struct RowSums {
 // kKeep stores the exponentials for the gradient pass, and kPow > 0 says T == kPow (1, 2, 4 or
 // 8): then exp(ds) = exp(ds / T)^T takes log2(kPow) squarings instead of a third exponential
 // (relative error kPow times that of one exp). Each combination is its own branch-free loop.
-template <bool kSoft, bool kHard, bool kKeep, bool kKL, int kPow, typename Acc>
+template <bool kSoft, bool kHard, bool kKeep, typename Div, int kPow, typename Acc>
 RowSums<Acc> exp_pass(const RowBuffers<Acc>& b, const NextRow& next, int64_t C, Acc m_z, Acc m_s,
                       Acc inv_t) {
   Acc* __restrict__ s = b.s;
@@ -235,7 +235,7 @@ RowSums<Acc> exp_pass(const RowBuffers<Acc>& b, const NextRow& next, int64_t C, 
       e_u = fast_exp(du);
       l_z.v[k] += e_z;
       l_u.v[k] += e_u;
-      sum_ex.v[k] += weighted_or_zero(e_z, kKL ? dz - du : du);
+      sum_ex.v[k] += Div::fast_element(e_z, dz, du);
       if constexpr (kKeep) {
         z[j] = e_z;
         u[j] = e_u;
@@ -269,15 +269,15 @@ int temperature_power(double t) {
   return (t == 1.0 || t == 2.0 || t == 4.0 || t == 8.0) ? static_cast<int>(t) : 0;
 }
 
-template <bool kSoft, bool kHard, bool kKeep, bool kKL, typename Acc>
+template <bool kSoft, bool kHard, bool kKeep, typename Div, typename Acc>
 RowSums<Acc> exp_pass(int power, const RowBuffers<Acc>& b, const NextRow& next, int64_t C,
                       Acc m_z, Acc m_s, Acc inv_t) {
   switch (power) {
-    case 1: return exp_pass<kSoft, kHard, kKeep, kKL, 1>(b, next, C, m_z, m_s, inv_t);
-    case 2: return exp_pass<kSoft, kHard, kKeep, kKL, 2>(b, next, C, m_z, m_s, inv_t);
-    case 4: return exp_pass<kSoft, kHard, kKeep, kKL, 4>(b, next, C, m_z, m_s, inv_t);
-    case 8: return exp_pass<kSoft, kHard, kKeep, kKL, 8>(b, next, C, m_z, m_s, inv_t);
-    default: return exp_pass<kSoft, kHard, kKeep, kKL, 0>(b, next, C, m_z, m_s, inv_t);
+    case 1: return exp_pass<kSoft, kHard, kKeep, Div, 1>(b, next, C, m_z, m_s, inv_t);
+    case 2: return exp_pass<kSoft, kHard, kKeep, Div, 2>(b, next, C, m_z, m_s, inv_t);
+    case 4: return exp_pass<kSoft, kHard, kKeep, Div, 4>(b, next, C, m_z, m_s, inv_t);
+    case 8: return exp_pass<kSoft, kHard, kKeep, Div, 8>(b, next, C, m_z, m_s, inv_t);
+    default: return exp_pass<kSoft, kHard, kKeep, Div, 0>(b, next, C, m_z, m_s, inv_t);
   }
 }
 
@@ -285,15 +285,13 @@ template <bool kSoft, bool kHard, typename Acc>
 RowSums<Acc> exp_pass(const KDArgs& a, bool keep, const RowBuffers<Acc>& b, const NextRow& next,
                       Acc m_z, Acc m_s, Acc inv_t) {
   const int64_t C = padded_classes(a.num_classes);  // the rows' -inf padding adds nothing
-  const bool kl = a.soft_loss == SoftLoss::kKL;
   // Only a row with both terms has an exp(ds / T) to square.
   const int power = kSoft && kHard ? temperature_power<Acc>(a.temperature) : 0;
-  if (keep) {
-    return kl ? exp_pass<kSoft, kHard, true, true>(power, b, next, C, m_z, m_s, inv_t)
-              : exp_pass<kSoft, kHard, true, false>(power, b, next, C, m_z, m_s, inv_t);
-  }
-  return kl ? exp_pass<kSoft, kHard, false, true>(power, b, next, C, m_z, m_s, inv_t)
-            : exp_pass<kSoft, kHard, false, false>(power, b, next, C, m_z, m_s, inv_t);
+  return visit_divergence(a.soft_loss, [&](auto divergence) {
+    using Div = decltype(divergence);
+    return keep ? exp_pass<kSoft, kHard, true, Div>(power, b, next, C, m_z, m_s, inv_t)
+                : exp_pass<kSoft, kHard, false, Div>(power, b, next, C, m_z, m_s, inv_t);
+  });
 }
 
 // Pass 3: g_j = q_scale e_u - p_scale e_z + r_scale e_s - [j == y] ch, stored in the student's
@@ -314,16 +312,17 @@ void grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc p_scale, Ac
   }
 }
 
-// KL(p || q) of row i as a sum of terms that are each >= 0 (kl_term), for the rows whose fast
-// closing formula A / l_z - log l_z + log l_u cancels: it subtracts terms of size log C, so for a
-// student close to its teachers (the soft term near 0) it loses every digit and can read
-// negative. This pass re-reads the row's inputs (still in cache) and forms d = log p - log q
-// where it keeps its digits: for the geometric mean from D = sum_m w_m (t_m - s), exact where
-// the student is near its teachers (the Triton and CUDA kernels do the same in every row).
-// m_s, log_lu, m_z, log_lz: the fast pass's row statistics; scratch: C floats.
-template <typename S, typename Tt>
-float accurate_kl(const KDArgs& a, int64_t i, float m_s, float log_lu, float m_z, float log_lz,
-                  float* __restrict__ scratch) {
+// The soft term of row i as a sum of per-class terms (Div::term; for the KL each >= 0), for
+// the rows whose one-pass closing formula (Div::fast_close) cancels: the KL's
+// A / l_z - log l_z + log l_u subtracts terms of size log C, so for a student close to its
+// teachers (the KL near 0) it loses every digit and can read negative. This pass re-reads the
+// row's inputs (still in cache) and forms d = log p - log q where it keeps its digits: for the
+// geometric mean from D = sum_m w_m (t_m - s), exact where the student is near its teachers
+// (the Triton and CUDA kernels do the same in every row). m_s, log_lu, m_z, log_lz: the fast
+// pass's row statistics; scratch: C floats.
+template <typename Div, typename S, typename Tt>
+float accurate_soft_term(const KDArgs& a, int64_t i, float m_s, float log_lu, float m_z,
+                         float log_lz, float* __restrict__ scratch) {
   const int64_t C = a.num_classes;
   const float inv_t = 1.f / static_cast<float>(a.temperature);
   const S* __restrict__ s = static_cast<const S*>(a.student) + i * a.student_row_stride;
@@ -385,23 +384,23 @@ float accurate_kl(const KDArgs& a, int64_t i, float m_s, float log_lu, float m_z
       const float log_q = (sj - m_s) * inv_t - log_lu;
       const float log_p = (buf[j] + ((sf ? sj : ref_sum) - ref_sum)) * inv_t - m_z - log_lz;
       const float d = use_diff & sf ? buf[j] * inv_t + d_const : log_p - log_q;
-      kl.v[k] += kl_term(fast_exp(log_p), log_p, d, fast_exp(log_q));
+      kl.v[k] += Div::term(fast_exp(log_p), log_p, d, fast_exp(log_q), log_q);
     });
   } else {
     for (int64_t j = 0; j < C; ++j) scratch[j] = std::log(scratch[j]);
     for_lanes(C, [&](int64_t j, int64_t k) {
       const float log_q = (to_float(sp[j]) - m_s) * inv_t - log_lu;
       const float log_p = buf[j];
-      kl.v[k] += kl_term(fast_exp(log_p), log_p, log_p - log_q, fast_exp(log_q));
+      kl.v[k] += Div::term(fast_exp(log_p), log_p, log_p - log_q, fast_exp(log_q), log_q);
     });
   }
   return lane_sum(kl.v);
 }
 
-// Whether the float32 closing formula of the KL may have lost more than 1e-4 of its value:
-// its error is a few float32 ulps of its largest term (and of fast_exp's relative error).
+// Whether the float32 closing formula may have lost more than 1e-4 of its value: its error is a
+// few float32 ulps of its largest term (and of fast_exp's relative error).
 template <typename Acc>
-bool kl_needs_accurate(Acc kl, Acc mean_log_ratio, Acc log_lz, Acc log_lu) {
+bool fast_close_cancelled(Acc kl, Acc mean_log_ratio, Acc log_lz, Acc log_lu) {
   if (!std::is_same_v<Acc, float>) return false;  // float64 accumulation is exact enough
   using std::fabs;
   const Acc largest = fabs(mean_log_ratio) + fabs(log_lz) + fabs(log_lu) + Acc(1);
@@ -454,16 +453,20 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
 
   Acc value = 0;
   if (role.soft) {
-    Acc soft = soft_term(a, r.sum_ex, r.l_z, r.l_u);
-    if (a.soft_loss == SoftLoss::kKL) {
+    const Acc soft = visit_divergence(a.soft_loss, [&](auto divergence) {
+      using Div = decltype(divergence);
       using std::log;
-      if (kl_needs_accurate(soft, r.sum_ex / r.l_z, log(r.l_z), log(r.l_u))) {
-        if constexpr (std::is_same_v<Acc, float>)
-          soft = accurate_kl<S, Tt>(a, i, m_s, log(r.l_u), m_z, log(r.l_z), b.t);
-      } else if (soft < Acc(0)) {
-        soft = 0;  // float64 accumulation: rounding below 0
+      Acc v = Div::fast_close(r.sum_ex, r.l_z, r.l_u);
+      if constexpr (Div::may_cancel) {
+        if (fast_close_cancelled(v, r.sum_ex / r.l_z, log(r.l_z), log(r.l_u))) {
+          if constexpr (std::is_same_v<Acc, float>)
+            v = accurate_soft_term<Div, S, Tt>(a, i, m_s, log(r.l_u), m_z, log(r.l_z), b.t);
+        } else if (v < Acc(0)) {
+          v = 0;  // float64 accumulation: rounding below 0
+        }
       }
-    }
+      return v;
+    });
     value += static_cast<Acc>(scales.soft_loss) * soft;
   }
   if (role.hard) value += static_cast<Acc>(scales.hard_loss) * hard_term(m_s, r.l_s, s_y);

@@ -434,7 +434,6 @@ __global__ void __launch_bounds__(kThreads)
   const bool use_diff = diff_max * inv_t <= 64.f;
   const float cs = role.soft ? static_cast<float>(scales.soft_grad) : 0.f;
   const float ch = role.hard ? static_cast<float>(scales.hard_grad) : 0.f;
-  const bool kl = a.soft_loss == SoftLoss::kKL;
   float soft_sum = 0.f;
   for (int64_t j = first; j < span.end; j += step) {
     const int64_t o = j - span.begin;  // position in the row copy
@@ -480,7 +479,9 @@ __global__ void __launch_bounds__(kThreads)
       if (role.soft) {
         const float log_q = (s[k] - m_s) * inv_t - log_lu;  // relative to the max: shift-invariant
         const float q = __expf(log_q);
-        soft_sum += kl ? kl_term(p[k], log_p[k], d[k], q) : weighted_or_zero(p[k], -log_q);
+        soft_sum += visit_divergence(a.soft_loss, [&](auto divergence) {
+          return decltype(divergence)::term(p[k], log_p[k], d[k], q, log_q);
+        });
         g[k] = cs * (q - p[k]);
       }
       if (role.hard) g[k] += ch * (__expf(s[k] - m_s - log_ls) - (j + k == label ? 1.f : 0.f));

@@ -3,7 +3,7 @@
 // softmax statistics, and a branch-free exp. Everything here is scalar and header-only so both
 // compilers inline it into their own loops.
 //
-// Notation for one row (see DESIGN.md section 1): z = teacher logits combined at temperature T
+// Notation for one row (see docs/DESIGN.md section 1): z = teacher logits combined at temperature T
 // (geometric: sum_m w_m t_m / T), u = s / T, with maxima m_z, m_u and
 //   l_z = sum_j exp(z_j - m_z),  l_u = sum_j exp(u_j - m_u),  l_s = sum_j exp(s_j - m_s).
 // Then log p_j = (z_j - m_z) - log l_z and log q_j = (u_j - m_u) - log l_u, so with
@@ -72,13 +72,6 @@ KD_HOST_DEVICE Acc weighted_or_zero(Acc e, Acc x) {
   return e == Acc(0) ? Acc(0) : product;
 }
 
-template <typename Acc>
-KD_HOST_DEVICE Acc soft_term(const KDArgs& a, Acc sum_ex, Acc l_z, Acc l_u) {
-  using std::log;
-  if (a.soft_loss == SoftLoss::kKL) return sum_ex / l_z - log(l_z) + log(l_u);
-  return -sum_ex / l_z + log(l_u);
-}
-
 // -log r_y = m_s + log l_s - s_y.
 template <typename Acc>
 KD_HOST_DEVICE Acc hard_term(Acc m_s, Acc l_s, Acc s_y) {
@@ -141,6 +134,56 @@ KD_HOST_DEVICE Acc kl_term(Acc p, Acc log_p, Acc d, Acc q) {
   const Acc near = p * series;
   const Acc term = (d < Acc(0.25)) & (d > Acc(-0.25)) ? near : far;
   return p == Acc(0) ? q : term;
+}
+
+// The divergence axis: one small struct per soft_loss with everything a kernel needs of it.
+//   fast_element(e, dz, du): a class's share of the running sum A of the one-pass form, from
+//     e = exp(dz) with dz = z - m_z (teacher) and du = u - m_u (student at T);
+//   fast_close(A, l_z, l_u): the soft term from that sum and the two softmax normalisers;
+//   may_cancel: whether fast_close can lose its digits (then the kernels use `term` instead);
+//   term(p, log_p, d, q, log_q): a class's share computed from both distributions
+//     (d = log p - log q), each share >= 0 where the divergence is a sum of such.
+// A new divergence is one more struct here, one more case in visit_divergence, its code in
+// kd_args.h, and the same three pieces in the Triton kernel and the reference.
+struct KLDivergence {  // KL(p || q) = sum_j p_j (log p_j - log q_j)
+  static constexpr bool may_cancel = true;
+  template <typename Acc>
+  KD_HOST_DEVICE static Acc fast_element(Acc e, Acc dz, Acc du) {
+    return weighted_or_zero(e, dz - du);
+  }
+  template <typename Acc>
+  KD_HOST_DEVICE static Acc fast_close(Acc sum, Acc l_z, Acc l_u) {
+    using std::log;
+    return sum / l_z - log(l_z) + log(l_u);
+  }
+  template <typename Acc>
+  KD_HOST_DEVICE static Acc term(Acc p, Acc log_p, Acc d, Acc q, Acc /*log_q*/) {
+    return kl_term(p, log_p, d, q);
+  }
+};
+
+struct CrossEntropy {  // H(p, q) = -sum_j p_j log q_j: KL plus the teachers' entropy
+  static constexpr bool may_cancel = false;
+  template <typename Acc>
+  KD_HOST_DEVICE static Acc fast_element(Acc e, Acc /*dz*/, Acc du) {
+    return weighted_or_zero(e, du);
+  }
+  template <typename Acc>
+  KD_HOST_DEVICE static Acc fast_close(Acc sum, Acc l_z, Acc l_u) {
+    using std::log;
+    return -sum / l_z + log(l_u);
+  }
+  template <typename Acc>
+  KD_HOST_DEVICE static Acc term(Acc p, Acc /*log_p*/, Acc /*d*/, Acc /*q*/, Acc log_q) {
+    return weighted_or_zero(p, -log_q);
+  }
+};
+
+// Calls f(Divergence{}) for the divergence `code` names.
+template <typename F>
+KD_HOST_DEVICE auto visit_divergence(SoftLoss code, F&& f) {
+  if (code == SoftLoss::kCrossEntropy) return f(CrossEntropy{});
+  return f(KLDivergence{});
 }
 
 }  // namespace kd

@@ -77,6 +77,16 @@ if triton is not None:
         return tl.where(p == 0.0, q, term)
 
     @triton.jit
+    def _soft_term(p, log_p, d, q, log_q, KL: tl.constexpr):
+        """A class's share of the soft term: the divergence axis of the Triton kernel (the
+        C++ and CUDA kernels' KLDivergence / CrossEntropy in csrc/kd_row_math.h)."""
+        if KL:
+            term = _kl_term(p, log_p, d, q)
+        else:
+            term = tl.where(p == 0.0, 0.0, -p * log_q)  # 0 log 0 = 0, NaN kept
+        return term
+
+    @triton.jit
     def _teacher_minus_student(
         teachers,
         strides,
@@ -255,10 +265,7 @@ if triton is not None:
                     p = tl.exp(log_p)
                     d = tl.where(finite, diff * inv_t + d_const, log_p - log_q)
                     d = tl.where(use_diff, d, log_p - log_q)
-                if KL:
-                    term = _kl_term(p, log_p, d, q)
-                else:
-                    term = tl.where(p == 0.0, 0.0, -p * log_q)  # 0 log 0 = 0, NaN kept
+                term = _soft_term(p, log_p, d, q, log_q, KL)
                 soft_sum += tl.sum(tl.where(mask, term, 0.0), 0)
                 if COMPUTE_GRAD:
                     r = tl.exp(ds - log_ls)

@@ -57,7 +57,7 @@ class Case:
         return student, teachers, labels
 
 
-# The grids. "targets" are the shapes of the CPU performance contract (DESIGN.md section 4).
+# The grids. "targets" are the shapes of the CPU performance contract (docs/DESIGN.md section 4).
 def _product(ns, cs, ms, dtypes) -> list[Case]:
     return [Case(n, c, m, d) for d in dtypes for m in ms for n in ns for c in cs]
 

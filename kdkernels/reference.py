@@ -1,6 +1,6 @@
 """The pure-PyTorch distillation loss: the test oracle and the ``backend="torch"`` path.
 
-It follows DESIGN.md section 1 literally, in float64 when any input is float64 and in float32
+It follows docs/DESIGN.md section 1 literally, in float64 when any input is float64 and in float32
 otherwise, and it is differentiable by autograd, so its gradient is the reference gradient too.
 """
 
@@ -95,7 +95,7 @@ def kd_loss_reference(
     unlabeled_index: int | None = None,
     reduction: str = "mean",
 ) -> Tensor:
-    """Distillation loss of DESIGN.md section 1, composed from PyTorch ops.
+    """Distillation loss of docs/DESIGN.md section 1, composed from PyTorch ops.
 
     ``teacher_logits`` is a sequence of M tensors with the student's shape (a stacked [M, ...]
     tensor iterates as one). Inputs are assumed valid: `kdkernels.distillation_loss` validates.

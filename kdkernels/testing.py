@@ -1,7 +1,7 @@
 """Sample inputs shared by the tests and benchmarks: one source of cases for correctness,
 gradient, opcheck and compile checks on every backend and device.
 
-A `Case` holds float64 master tensors; `Case.inputs(dtype, device)` gives the tensors a backend
+A `Sample` holds float64 master tensors; `Sample.inputs(dtype, device)` gives the tensors a backend
 sees, and the reference runs on those same values cast to float64, so the comparison measures
 the kernel's arithmetic, not the rounding of its inputs.
 """
@@ -22,7 +22,7 @@ from .reference import kd_loss_reference
 
 
 @dataclass
-class Case:
+class Sample:
     name: str
     student: Tensor  # float64 master, [..., C] (may be a strided view)
     teachers: Tensor | list[Tensor]  # float64 master: stacked [M, ..., C] or a list
@@ -97,8 +97,8 @@ SHAPES = [
 OPTION_SHAPE = (37, 1000)
 
 
-def sample_inputs(seed: int = 0, *, small: bool = False) -> Iterator[Case]:
-    """The DESIGN.md section 5 grid: shapes, every option, edge values, strides, layouts.
+def sample_inputs(seed: int = 0, *, small: bool = False) -> Iterator[Sample]:
+    """The docs/DESIGN.md section 5 grid: shapes, every option, edge values, strides, layouts.
 
     `small=True` keeps C <= 1000 and N <= 37 (for slow backends such as Triton's interpreter).
     """
@@ -108,7 +108,7 @@ def sample_inputs(seed: int = 0, *, small: bool = False) -> Iterator[Case]:
 
     # Shapes with default options, one teacher and labels.
     for n, c in shapes:
-        yield Case(
+        yield Sample(
             f"shape-{n}x{c}", _logits(gen, n, c), _logits(gen, 1, n, c), _labels(gen, n, c, "plain")
         )
 
@@ -134,7 +134,7 @@ def sample_inputs(seed: int = 0, *, small: bool = False) -> Iterator[Case]:
             kwargs["unlabeled_index"] = -1
         if m > 1:
             kwargs["teacher_weights"] = torch.rand(m, generator=gen).add(0.1).tolist()
-        yield Case(
+        yield Sample(
             f"opt-{ens}-{soft}-{red}-t2{int(t2)}-{mode}-M{m}",
             _logits(gen, n0, c0),
             _logits(gen, m, n0, c0),
@@ -145,31 +145,31 @@ def sample_inputs(seed: int = 0, *, small: bool = False) -> Iterator[Case]:
     n, c = n0, c0
     for mode in ("all_ignored", "all_unlabeled"):
         for red in ("mean", "sum", "none"):
-            yield Case(
+            yield Sample(
                 f"{mode}-{red}",
                 _logits(gen, n, c),
                 _logits(gen, 2, n, c),
                 _labels(gen, n, c, mode),
                 dict(unlabeled_index=-1, reduction=red),
             )
-    yield Case(
+    yield Sample(
         "empty-batch", _logits(gen, 0, c), _logits(gen, 1, 0, c), torch.zeros(0, dtype=torch.long)
     )
-    yield Case(
+    yield Sample(
         "leading-dims",
         _logits(gen, 2, 3, 5, c),
         _logits(gen, 2, 2, 3, 5, c),
         _labels(gen, 30, c, "mixed").reshape(2, 3, 5),
         dict(unlabeled_index=-1, reduction="none"),
     )
-    yield Case(
+    yield Sample(
         "teacher-list",
         _logits(gen, n, c),
         list(_logits(gen, 3, n, c)),
         _labels(gen, n, c, "plain"),
         dict(teacher_weights=[0.5, 0.0, 2.0]),
     )
-    yield Case(
+    yield Sample(
         "ignore-index-is-a-class",
         _logits(gen, n, c),
         _logits(gen, 1, n, c),
@@ -180,7 +180,7 @@ def sample_inputs(seed: int = 0, *, small: bool = False) -> Iterator[Case]:
     # Extreme values: logits of +-1e4, -inf teacher entries (masked vocabulary).
     for ens in ("geometric", "arithmetic"):
         big = _logits(gen, n, c).sign() * 1e4
-        yield Case(
+        yield Sample(
             f"extreme-1e4-{ens}",
             big,
             _logits(gen, 2, n, c).sign() * 1e4,
@@ -189,7 +189,7 @@ def sample_inputs(seed: int = 0, *, small: bool = False) -> Iterator[Case]:
         )
         masked = _logits(gen, 2, n, c)
         masked[..., c // 2 :] = float("-inf")
-        yield Case(
+        yield Sample(
             f"teacher-neg-inf-{ens}",
             _logits(gen, n, c),
             masked,
@@ -200,7 +200,7 @@ def sample_inputs(seed: int = 0, *, small: bool = False) -> Iterator[Case]:
     # Non-unit row strides: views into wider buffers (a teacher with a padded vocabulary).
     wide_s = _logits(gen, n, c + 7)[:, :c]
     wide_t = _logits(gen, 2, n, c + 64)[..., :c]
-    yield Case(
+    yield Sample(
         "row-strides", wide_s, wide_t, _labels(gen, n, c, "plain"), dict(ensemble="geometric")
     )
 
@@ -253,7 +253,7 @@ def rel_error(out: Tensor, ref: Tensor) -> float:
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    """DESIGN.md section 5: 1e-5 for float32 (and float64) inputs, 1e-2 for float16/bfloat16."""
+    """docs/DESIGN.md section 5: 1e-5 for float32 (and float64), 1e-2 for float16/bfloat16."""
     return 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
 
 

@@ -317,12 +317,23 @@ def plot_curves(results: list[SeedResult], path: Path) -> None:
     plt.close(fig)
 
 
+def backend_used(cfg: Config, data) -> str:
+    """The backend `cfg.backend` resolves to for the student's inputs ("auto" names one)."""
+    from ._backends import select
+    from ._validate import validate, validate_options
+
+    classes = int(data.y_train.max()) + 1
+    probe = torch.zeros(1, classes)
+    options = validate_options(ensemble=cfg.ensemble, temperature=cfg.temperature)
+    problem = validate(probe, [probe] * cfg.teachers, None, None, options)
+    return select(cfg.backend, problem).name
+
+
 def main(cfg: Config) -> dict:
     from tqdm import tqdm
 
     start = time.perf_counter()
     data = load_mnist(cfg.data_dir) if cfg.data_dir else load_digits_split()
-    torch.set_num_threads(torch.get_num_threads())
     results = []
     with tqdm(
         total=cfg.seeds * (cfg.teachers + 2), desc="training", disable=not cfg.progress
@@ -340,7 +351,7 @@ def main(cfg: Config) -> dict:
             "validation": len(data.y_val),
             "test": len(data.y_test),
         },
-        "backend_used": cfg.backend,
+        "backend_used": backend_used(cfg, data),
         "seconds": seconds,
         "results": [asdict(r) for r in results],
         "table": format_table(results, data),
@@ -349,7 +360,7 @@ def main(cfg: Config) -> dict:
     plot_curves(results, out / "learning_curves.png")
     print(
         f"data: {data.source}; {cfg.teachers} teachers, T={cfg.temperature}, "
-        f"{cfg.ensemble} ensemble, backend={cfg.backend}; {seconds:.0f} s"
+        f"{cfg.ensemble} ensemble, backend={report['backend_used']}; {seconds:.0f} s"
     )
     print(report["table"])
     print(f"wrote {out / 'results.json'} and {out / 'learning_curves.png'}")

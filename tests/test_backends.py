@@ -1,4 +1,4 @@
-"""Every backend against the float64 reference on the DESIGN.md section 5 grid."""
+"""Every backend against the float64 reference on the docs/DESIGN.md section 5 grid."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md section 2 raises TypeError or ValueError naming the problem."""
+"""Every bad input of docs/DESIGN.md section 2 raises TypeError or ValueError naming the problem."""
 
 import math
 
