@@ -33,7 +33,7 @@ class BackendStatus(NamedTuple):
 @dataclass(frozen=True)
 class Backend:
     name: str
-    devices: tuple[str, ...] | None  # the device types whose tensors it serves (None: any)
+    devices: tuple[str, ...] | None  # device types it serves, its own first (None: any)
     serves: str  # the same in words, for error messages
     missing: Callable[[], str | None]  # why it is not usable on this machine (None: usable)
     cannot_serve: Callable[[Problem], str | None]  # why not these inputs (None: it can)
@@ -171,7 +171,8 @@ def select(name: str, problem: Problem) -> Backend:
     device = problem.student.device.type
     reasons = {}
     for backend in REGISTRY.values():
-        if backend.devices is not None and device not in backend.devices:
+        # Only a backend's own device counts for "auto" (Triton on CPU is the test interpreter).
+        if backend.devices is not None and backend.devices[0] != device:
             continue
         if not backend.kernel and any(missing(k) is None for k in reasons):
             break

@@ -151,6 +151,12 @@ def test_auto_picks_cpu_for_cpu_tensors():
     out_auto = kd.distillation_loss(student, torch.randn(2, 8))
     out_cpu = kd.distillation_loss(student, torch.randn(2, 8).copy_(student), backend="cpu")
     assert out_auto.shape == out_cpu.shape == ()
+    # Even where Triton serves CPU tensors (its interpreter, as in these tests), auto takes cpu.
+    from kdkernels._backends import select
+    from kdkernels._validate import Options, validate
+
+    problem = validate(student, torch.randn(2, 8), None, None, Options())
+    assert select("auto", problem).name == "cpu"
     # 65 teachers exceed the kernels' pointer array: an error that says so (tests/test_faults.py).
     with pytest.raises(ValueError, match="at most 64 teachers"):
         kd.distillation_loss(student, torch.randn(65, 2, 8), backend="cpu")
