@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._ops import allow_repeated_backward
+from ._autograd import allow_repeated_backward
 from ._validate import TEMPERATURE_RANGE
 from .loss import DistillationLoss, backends, distillation_loss
 from .reference import kd_loss_reference

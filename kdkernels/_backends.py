@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _triton
+from . import _emulated, _triton
 from ._extension import load_extension
 from ._ops import fused_row_losses
 from ._validate import Problem
@@ -39,6 +39,7 @@ class Backend:
     cannot_serve: Callable[[Problem], str | None]  # why not these inputs (None: it can)
     loss: Callable[[Problem], Tensor]  # the loss, reduced as the options say
     kernel: bool = True  # False for the pure-PyTorch reference
+    auto: bool = True  # whether "auto" may choose it
 
 
 def _reduce(problem: Problem, row_losses: Callable[[Problem], Tensor]) -> Tensor:
@@ -48,6 +49,10 @@ def _reduce(problem: Problem, row_losses: Callable[[Problem], Tensor]) -> Tensor
 
 def _fused_loss(problem: Problem) -> Tensor:
     return _reduce(problem, fused_row_losses)
+
+
+def _emulated_loss(problem: Problem) -> Tensor:
+    return _reduce(problem, _emulated.emulated_row_losses)
 
 
 def _triton_loss(problem: Problem) -> Tensor:
@@ -130,6 +135,16 @@ REGISTRY: dict[str, Backend] = {
         ),
         Backend("cpu", ("cpu",), "CPU tensors", _cpu_missing, _too_many(MAX_TEACHERS), _fused_loss),
         Backend("torch", None, "any tensors", lambda: None, lambda _: None, _reference_loss, False),
+        # The CUDA kernel's source on the host emulator (a test build), for tests only.
+        Backend(
+            "cuda-emulated",
+            ("cpu",),
+            "CPU tensors (the CUDA kernel on the host emulator)",
+            _emulated.missing,
+            _all(_no_float64, _too_many(MAX_TEACHERS)),
+            _emulated_loss,
+            auto=False,
+        ),
     )
 }
 NAMES = ("auto", *REGISTRY)
@@ -172,7 +187,7 @@ def select(name: str, problem: Problem) -> Backend:
     reasons = {}
     for backend in REGISTRY.values():
         # Only a backend's own device counts for "auto" (Triton on CPU is the test interpreter).
-        if backend.devices is not None and backend.devices[0] != device:
+        if not backend.auto or (backend.devices is not None and backend.devices[0] != device):
             continue
         if not backend.kernel and any(missing(k) is None for k in reasons):
             break

@@ -18,13 +18,8 @@ import os
 import torch
 from torch import Tensor
 
-from ._ops import (
-    call_fused,
-    check_op_inputs,
-    fused_fake,
-    op_arguments,
-    register_fused_autograd,
-)
+from ._autograd import register_fused_op, run_fused
+from ._fused import OpOptions, check_op_inputs, fused_op_signature
 from ._validate import Problem
 
 try:
@@ -295,41 +290,30 @@ def launch_config(c: int, device: torch.device) -> tuple[int, int]:
     return block, 4 if block <= 1024 else 8
 
 
+@fused_op_signature
 def _fused_kd_triton_impl(
-    student: Tensor,
-    teachers: list[Tensor],
-    labels: Tensor | None,
-    teacher_weights: list[float],
-    temperature: float,
-    soft_weight: float,
-    hard_weight: float,
-    ensemble: str,
-    soft_loss: str,
-    scale_soft_by_t2: bool,
-    ignore_index: int,
-    unlabeled_index: int | None,
-    reduction: str,
-    compute_grad: bool,
+    student: Tensor, teachers: list[Tensor], labels: Tensor | None, teacher_weights, *options
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses [N] (float32) and, if compute_grad, d(sum of them)/d(student) [N, C]."""
+    o = OpOptions(*options)
     check_op_inputs(student, teachers, labels, len(teacher_weights), same_dtype=False)
     if len(teachers) > MAX_TEACHERS:
         raise ValueError(f"the Triton kernel takes at most {MAX_TEACHERS} teachers")
     n, c = student.shape
     row_loss = student.new_empty((n,), dtype=torch.float32)
-    grad = student.new_empty((n, c) if compute_grad else (0,))
-    soft_scale = soft_weight * (temperature**2 if scale_soft_by_t2 else 1.0)
-    hard_scale = hard_weight
-    device_counts = reduction == "mean" and labels is not None
+    grad = student.new_empty((n, c) if o.compute_grad else (0,))
+    soft_scale = o.soft_weight * (o.temperature**2 if o.scale_soft_by_t2 else 1.0)
+    hard_scale = o.hard_weight
+    device_counts = o.reduction == "mean" and labels is not None
     if device_counts:  # summed on the device: no host synchronisation
-        soft_rows = labels != ignore_index
+        soft_rows = labels != o.ignore_index
         hard_rows = (
-            soft_rows if unlabeled_index is None else soft_rows & (labels != unlabeled_index)
+            soft_rows if o.unlabeled_index is None else soft_rows & (labels != o.unlabeled_index)
         )
         counts = torch.stack([soft_rows.sum(), hard_rows.sum()]).to(torch.float32)
     else:
         counts = row_loss  # not read
-        if reduction == "mean":  # no labels: every row is soft-only, and n is known here
+        if o.reduction == "mean":  # no labels: every row is soft-only, and n is known here
             soft_scale /= max(n, 1)
     m = len(teachers)
     slots = [*teachers, *[teachers[0]] * (MAX_TEACHERS - m)]  # unused slots are never read
@@ -348,18 +332,18 @@ def _fused_kd_triton_impl(
             row_loss,
             grad,
             c,
-            1.0 / temperature,
+            1.0 / o.temperature,
             soft_scale,
             hard_scale,
-            ignore_index,
-            0 if unlabeled_index is None else unlabeled_index,
+            o.ignore_index,
+            0 if o.unlabeled_index is None else o.unlabeled_index,
             M=m,
             HAS_LABELS=labels is not None,
-            HAS_UNLABELED=unlabeled_index is not None,
-            ARITHMETIC=ensemble == "arithmetic" and m > 1,  # one member: the same p
-            KL=soft_loss == "kl",
+            HAS_UNLABELED=o.unlabeled_index is not None,
+            ARITHMETIC=o.ensemble == "arithmetic" and m > 1,  # one member: the same p
+            KL=o.soft_loss == "kl",
             DEVICE_COUNTS=device_counts,
-            COMPUTE_GRAD=compute_grad,
+            COMPUTE_GRAD=o.compute_grad,
             BLOCK=block,
             num_warps=num_warps,
         )
@@ -371,14 +355,13 @@ if triton is not None:
     fused_kd_triton = torch.library.triton_op("kdkernels::fused_kd_triton", mutates_args=())(
         _fused_kd_triton_impl
     )
-    # At import, never inside a traced call. The explicit fake keeps tracing (torch.compile,
-    # fake tensors) from running the kernel, which the interpreter would do on fake data.
-    fused_kd_triton.register_fake(fused_fake)
-    register_fused_autograd(fused_kd_triton)
+    # The explicit fake keeps tracing (torch.compile, fake tensors) from running the kernel,
+    # which the interpreter would do on fake data.
+    register_fused_op(fused_kd_triton)
 
 
 def triton_row_losses(problem: Problem) -> Tensor:
     """Run the Triton op on a validated problem; returns the per-row losses [N]."""
-    args = op_arguments(problem, problem.student, problem.teachers, problem.weights)
-    row_loss, _ = call_fused(fused_kd_triton, _fused_kd_triton_impl, args)
-    return row_loss
+    return run_fused(
+        fused_kd_triton, _fused_kd_triton_impl, problem, problem.student, problem.teachers
+    )

@@ -4,45 +4,46 @@ import pytest
 import torch
 
 import kdkernels as kd
-from kdkernels.testing import rel_error, sample_inputs, tolerance
+from kdkernels.testing import (
+    assert_matches_reference,
+    backends_here,
+    device_of,
+    rel_error,
+    run_against_reference,
+    sample_inputs,
+)
 
-CASES = list(sample_inputs(seed=1))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-BACKENDS = ["cpu", "torch"]
+BACKENDS = ["cpu", "torch"]  # the backend-specific tests below
+# Every backend present on the same data (one seed): the small grid on all of them, the full
+# grid where a backend runs at full speed (not Triton's interpreter).
+SMALL = list(sample_inputs(seed=1, small=True))
+FULL = list(sample_inputs(seed=1))
+EVERY = backends_here()
+FAST = [b for b in EVERY if not (b == "triton" and device_of(b) == "cpu")]
 
 
-def run_case(case, backend, dtype, device="cpu", seed=0):
-    """Loss and gradient of `backend` and of the float64 reference, with a random grad_output."""
-    student, teachers, labels = case.inputs(dtype, device)
-    student.requires_grad_(True)
-    out = kd.distillation_loss(student, teachers, labels, backend=backend, **case.kwargs)
-    ref_student = student.detach().double().requires_grad_(True)
-    ref = case.reference(ref_student, teachers, labels)
-    gen = torch.Generator().manual_seed(seed)
-    grad_out = (torch.rand(ref.shape, generator=gen, dtype=torch.float64) + 0.5).to(device)
-    (out.double() * grad_out).sum().backward()
-    (ref * grad_out).sum().backward()
-    return out, ref, student.grad, ref_student.grad
+def run_case(case, backend, dtype, seed=0):
+    return run_against_reference(backend, case, dtype, seed)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, dtype, case):
-    out, ref, grad, ref_grad = run_case(case, backend, dtype)
-    assert out.dtype == torch.float32
-    assert rel_error(out, ref) < tolerance(dtype)
-    assert grad.dtype == dtype
-    # A gradient stored in float16 can sit in its subnormal range (|g| < 6e-5, as with small
-    # weights over many rows), where storing even the exact value loses more than 1e-2: there
-    # the bound is twice the error of that rounding alone.
-    floor = 2 * rel_error(ref_grad.to(dtype), ref_grad)
-    assert rel_error(grad, ref_grad) < max(tolerance(dtype), floor)
+@pytest.mark.parametrize("backend", EVERY)
+def test_every_backend_matches_reference_on_the_small_grid(backend, dtype, case):
+    assert_matches_reference(backend, case, dtype)
+
+
+@pytest.mark.parametrize("case", FULL, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", FAST)
+def test_every_backend_matches_reference_on_the_full_grid(backend, dtype, case):
+    assert_matches_reference(backend, case, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_inputs_give_float64_loss(backend):
-    case = next(c for c in CASES if c.name == "opt-arithmetic-kl-mean-t21-mixed-M2")
+    case = next(c for c in FULL if c.name == "opt-arithmetic-kl-mean-t21-mixed-M2")
     out, ref, grad, ref_grad = run_case(case, backend, torch.float64)
     assert out.dtype == torch.float64
     assert rel_error(out, ref) < 1e-12 and rel_error(grad, ref_grad) < 1e-12
@@ -52,7 +53,7 @@ def test_float64_inputs_give_float64_loss(backend):
 def test_half_gradient_is_rounded_to_nearest(dtype):
     """The kernel rounds its float32 gradient to the student's dtype to nearest: it equals the
     rounded float64 gradient almost everywhere (truncation would miss about half)."""
-    case = next(c for c in CASES if c.name == "shape-37x1000")
+    case = next(c for c in FULL if c.name == "shape-37x1000")
     student, teachers, labels = case.inputs(dtype)
     student.requires_grad_(True)
     kd.distillation_loss(student, teachers, labels, backend="cpu", reduction="sum").backward()
@@ -64,7 +65,7 @@ def test_half_gradient_is_rounded_to_nearest(dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_student_and_teacher_dtypes(backend):
-    case = next(c for c in CASES if c.name == "opt-geometric-kl-mean-t21-plain-M2")
+    case = next(c for c in FULL if c.name == "opt-geometric-kl-mean-t21-plain-M2")
     student, teachers, labels = case.inputs(torch.bfloat16)
     t16, t32 = teachers[0].half(), teachers[1].float()
     student.requires_grad_(True)
@@ -93,7 +94,7 @@ def test_nan_propagates(backend, where):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_student_without_grad_is_forward_only(backend):
-    case = CASES[4]
+    case = FULL[4]
     student, teachers, labels = case.inputs(torch.float32)
     out = kd.distillation_loss(student, teachers, labels, backend=backend)
     assert not out.requires_grad

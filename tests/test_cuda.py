@@ -6,10 +6,9 @@ import torch
 
 import kdkernels as kd
 from kdkernels import _C
-from kdkernels.testing import rel_error, sample_inputs, tolerance
+from kdkernels.testing import rel_error
 
 HAS_GPU = torch.cuda.is_available() and _C.cuda_status()[0] > 0
-CASES = list(sample_inputs(seed=4))
 
 
 def test_backends_report_why_cuda_is_unavailable():
@@ -27,24 +26,6 @@ def test_backends_report_why_cuda_is_unavailable():
 def test_cuda_backend_on_cpu_tensors_says_why():
     with pytest.raises(ValueError, match="backend='cuda' cannot serve these inputs"):
         kd.distillation_loss(torch.randn(2, 5), torch.randn(2, 5), backend="cuda")
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU on this machine")
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_cuda_matches_reference(dtype, case):
-    student, teachers, labels = case.inputs(dtype, "cuda")
-    student.requires_grad_(True)
-    out = kd.distillation_loss(student, teachers, labels, backend="cuda", **case.kwargs)
-    ref_student = student.detach().double().requires_grad_(True)
-    ref = case.reference(ref_student, teachers, labels)
-    grad_out = torch.rand(ref.shape, dtype=torch.float64, device="cuda") + 0.5
-    (out.double() * grad_out).sum().backward()
-    (ref * grad_out).sum().backward()
-    assert rel_error(out, ref) < tolerance(dtype)
-    floor = 2 * rel_error(ref_student.grad.to(dtype), ref_student.grad)
-    assert rel_error(student.grad, ref_student.grad) < max(tolerance(dtype), floor)
 
 
 @pytest.mark.cuda

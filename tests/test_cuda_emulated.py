@@ -10,24 +10,23 @@ import pytest
 import torch
 
 import kdkernels as kd
-from kdkernels import _C
+from kdkernels import _emulated
 from kdkernels.testing import (
-    EMULATED_H200,
-    cuda_kernel_on_cpu,
+    assert_matches_reference,
     raw_kernel_args,
     rel_error,
+    run_against_reference,
     sample_inputs,
-    tolerance,
 )
 
 pytestmark = pytest.mark.skipif(
-    not hasattr(_C, "forward_cuda_emulated"), reason="the CUDA emulator is built on POSIX only"
+    _emulated.missing() is not None, reason=f"the CUDA emulator: {_emulated.missing()}"
 )
 
-CASES = list(sample_inputs(seed=5))
-SMALL_CASES = list(sample_inputs(seed=6, small=True))
+CASES = list(sample_inputs(seed=1))
+SMALL_CASES = list(sample_inputs(seed=1, small=True))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-H200 = EMULATED_H200
+H200 = _emulated.EMULATED_H200
 # Emulated devices that steer the cases down the kernel's other paths. Every thread is a fiber,
 # so these run the small grid (N <= 37, C <= 1000) in two dtypes to keep CI fast.
 PATHS = {
@@ -42,39 +41,17 @@ PATHS = {
 
 
 def run_emulated(case, dtype, device, plans=None):
-    student, teachers, labels = case.inputs(dtype)
-    student.requires_grad_(True)
-    with cuda_kernel_on_cpu(device, plans):
-        out = kd.distillation_loss(student, teachers, labels, backend="cpu", **case.kwargs)
-    ref_student = student.detach().double().requires_grad_(True)
-    ref = case.reference(ref_student, teachers, labels)
-    gen = torch.Generator().manual_seed(0)
-    grad_out = torch.rand(ref.shape, generator=gen, dtype=torch.float64) + 0.5
-    (out.double() * grad_out).sum().backward()
-    (ref * grad_out).sum().backward()
-    return out, ref, student.grad, ref_student.grad
-
-
-def check_against_reference(case, dtype, device):
-    out, ref, grad, ref_grad = run_emulated(case, dtype, device)
-    assert rel_error(out, ref) < tolerance(dtype)
-    floor = 2 * rel_error(ref_grad.to(dtype), ref_grad)
-    assert rel_error(grad, ref_grad) < max(tolerance(dtype), floor)
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_emulated_cuda_kernel_matches_reference(dtype, case):
-    """The full grid as an H200 would run it: a warp per row up to 2048 classes, a block per
-    longer row with the row copy in shared memory, a cluster when one block cannot hold it."""
-    check_against_reference(case, dtype, H200)
+    with _emulated.emulated_device(device, plans):
+        return run_against_reference("cuda-emulated", case, dtype)
 
 
 @pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("path", PATHS)
 def test_emulated_cuda_kernel_paths_match_reference(path, dtype, case):
-    check_against_reference(case, dtype, PATHS[path])
+    """The grid on the kernel's other paths (the H200 path runs in tests/test_backends.py)."""
+    with _emulated.emulated_device(PATHS[path]):
+        assert_matches_reference("cuda-emulated", case, dtype)
 
 
 def plan_of(name: str, dtype: torch.dtype, device: dict) -> dict:
@@ -114,8 +91,8 @@ def test_strided_rows_fall_back_to_scalar_access():
     student = torch.randn(n, c + 7)[:, :c]
     teacher = torch.randn(n, c)
     plans: list[dict] = []
-    with cuda_kernel_on_cpu(H200, plans):
-        out = kd.distillation_loss(student, teacher, reduction="none")
+    with _emulated.emulated_device(H200, plans):
+        out = kd.distillation_loss(student, teacher, reduction="none", backend="cuda-emulated")
     assert plans[0]["vectorized"] is False and plans[0]["warp_rows"] is False
     ref = kd.kd_loss_reference(student.double(), [teacher.double()], reduction="none")
     assert rel_error(out, ref) < 1e-5
@@ -124,9 +101,19 @@ def test_strided_rows_fall_back_to_scalar_access():
 def test_emulator_reports_kernel_errors_as_exceptions():
     """A launch the emulator cannot run comes back as a RuntimeError, not a crash."""
     _keep, args = raw_kernel_args(2, 5, student_dtype=3, teacher_dtype=3)  # float64: refused
-    args = _C.make_args(**args)
+    args = _emulated._emulator.make_args(**args)
     with pytest.raises(RuntimeError, match="float32/float16/bfloat16"):
-        _C.forward_cuda_emulated(args, H200)
+        _emulated._emulator.forward(args, H200)
+
+
+def test_clusters_only_with_cluster_code():
+    """Clusters need an sm_90+ device and kernels compiled for sm_90+ (a wheel built for sm_80
+    only runs on an H200 from compute_80 code, which has no cluster support)."""
+    max_cluster = _emulated._emulator.max_cluster
+    assert max_cluster(device_major=9, code_arch=90) == 8
+    assert max_cluster(device_major=10, code_arch=100) == 8
+    assert max_cluster(device_major=9, code_arch=80) == 1
+    assert max_cluster(device_major=8, code_arch=80) == 1
 
 
 @pytest.mark.parametrize(

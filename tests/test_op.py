@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import kdkernels as kd
-from kdkernels._ops import _kernel_dtypes, fused_kd, op_arguments
+from kdkernels._fused import kernel_dtypes, op_arguments
+from kdkernels._ops import fused_kd
 from kdkernels._validate import Options, validate
 from kdkernels.testing import sample_inputs
 
@@ -28,7 +29,7 @@ def op_args(case, dtype, requires_grad):
     student.requires_grad_(requires_grad)
     options = Options(**{k: v for k, v in case.kwargs.items() if k != "teacher_weights"})
     problem = validate(student, teachers, labels, case.kwargs.get("teacher_weights"), options)
-    s, ts = _kernel_dtypes(problem)
+    s, ts = kernel_dtypes(problem)
     return op_arguments(problem, s, ts, problem.weights)
 
 

@@ -1,0 +1,136 @@
+"""The autograd of every fused op: the forward pass computes the gradient with the loss, so
+backward only scales the saved gradient by grad_output (in place when nothing else can see it);
+and the eager fast path that skips torch.library's Python dispatch when nothing traces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from ._fused import OpOptions, fused_fake, op_arguments
+from ._validate import Problem
+
+_repeat_backward = False
+
+
+@contextlib.contextmanager
+def allow_repeated_backward() -> Iterator[None]:
+    """Backward passes run inside this context scale a copy of the saved gradient instead of
+    scaling it in place, so the same graph can be differentiated again (retain_graph=True,
+    torch.autograd.gradcheck, Jacobians) at the cost of one [N, C] buffer per backward."""
+    global _repeat_backward
+    previous, _repeat_backward = _repeat_backward, True
+    try:
+        yield
+    finally:
+        _repeat_backward = previous
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+    # Teachers come as a list (one None each) or as one stacked tensor (one None).
+    ctx.teacher_grads = None if isinstance(inputs[1], Tensor) else [None] * len(inputs[1])
+    ctx.mark_non_differentiable(output[1])
+    # The gradient output never receives a gradient; without this autograd would materialise
+    # an [N, C] zero tensor for it in every backward.
+    ctx.set_materialize_grads(False)
+
+
+def _is_broadcast_one(grad_row_loss: Tensor) -> bool:
+    """grad_output of a mean/sum loss called with .backward(): one value 1.0 broadcast to [N].
+    Reading it is free on the CPU (no device sync), and it saves a pass over the gradient."""
+    if grad_row_loss.numel() == 0 or grad_row_loss.stride(0) != 0:
+        return False
+    if torch._C._len_torch_dispatch_stack() > 0:  # under a mode (fake tensors): do not read
+        return False
+    return float(grad_row_loss[0]) == 1.0
+
+
+def _backward(ctx, grad_row_loss: Tensor | None, _unused: Tensor | None):
+    if torch.is_grad_enabled():
+        raise RuntimeError("kdkernels: double backward (create_graph=True) is not supported")
+    (grad,) = ctx.saved_tensors
+    no_grads = ctx.teacher_grads
+    if grad_row_loss is None:  # the loss itself received no gradient
+        return (None, no_grads) + (None,) * (2 + len(OpOptions._fields))
+    scale = grad_row_loss.unsqueeze(1)
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling() or _repeat_backward:
+        # Traced (torch.compile, AOT): the functional form; the compiler plans the buffers.
+        # Under allow_repeated_backward() too, which keeps the saved gradient intact.
+        return (grad * scale, no_grads) + (None,) * (2 + len(OpOptions._fields))
+    # Eager: the saved gradient is ours alone, so scale it in place (no new [N, C] buffer), or
+    # not at all for loss.backward() on a CPU mean/sum. Either way its version moves on, so a
+    # second backward through this graph (retain_graph=True) raises instead of being wrong.
+    if grad.device.type == "cpu" and _is_broadcast_one(grad_row_loss):
+        torch.autograd.graph.increment_version(grad)
+    else:
+        grad.mul_(scale)
+    return (grad, no_grads) + (None,) * (2 + len(OpOptions._fields))
+
+
+_registered: set[int] = set()
+
+
+def register_fused_autograd(op) -> None:
+    """Give a fused op (this one, or another backend's with the same signature) the autograd
+    above: backward scales the gradient saved by the forward pass."""
+    if id(op) not in _registered:
+        op.register_autograd(_backward, setup_context=_setup_context)
+        _registered.add(id(op))
+
+
+def _plain_eager(tensors: list[Tensor]) -> bool:
+    """Nothing traces, transforms or intercepts this call: no torch.compile, no function or
+    dispatch mode (fake tensors, make_fx, opcheck), no functorch transform, no tensor subclass."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and all(type(t) is Tensor for t in tensors)
+    )
+
+
+class _EagerFused(torch.autograd.Function):
+    """A fused op's implementation with the op's autograd, minus torch.library's Python
+    dispatch (argument defaults, pytree flattening: about 300 us a call, which is what a small
+    classification batch costs in all). Used only in plain eager mode; anything else goes
+    through the registered custom op."""
+
+    # forward takes ctx (no separate setup_context): apply() then skips binding the arguments
+    # with inspect.signature, which alone costs tens of microseconds.
+    @staticmethod
+    def forward(ctx, impl, *args):
+        output = impl(*args)
+        _setup_context(ctx, args, output)
+        ctx.teacher_grads = None  # an autograd.Function's non-tensor input takes None
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_row_loss, grad_unused):
+        return (None, *_backward(ctx, grad_row_loss, grad_unused))
+
+
+def call_fused(op, impl, args: tuple) -> tuple[Tensor, Tensor]:
+    """Run a fused op (`op`, registered from `impl`) on op_arguments(...)."""
+    teachers = args[1] if isinstance(args[1], list) else [args[1]]
+    if _plain_eager([args[0], *teachers]):
+        return _EagerFused.apply(impl, *args)
+    return op(*args)
+
+
+def register_fused_op(op) -> None:
+    """Give a fused op (any backend's, with the fused schema) its fake and its autograd; at
+    import, never inside a traced call (Dynamo refuses to trace a registration)."""
+    op.register_fake(fused_fake)
+    register_fused_autograd(op)
+
+
+def run_fused(op, impl, problem: Problem, student: Tensor, teachers: list[Tensor]) -> Tensor:
+    """The per-row losses [N] of a fused op (registered from `impl`) on a validated problem."""
+    row_loss, _ = call_fused(op, impl, op_arguments(problem, student, teachers, problem.weights))
+    return row_loss

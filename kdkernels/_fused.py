@@ -1,0 +1,149 @@
+"""What every fused op of kdkernels shares, whatever its backend: the op schema (built from the
+loss options, defined once in `Options`), the fake implementation, the checks on direct calls,
+and the argument building for a validated problem. Each backend's op lives in its own module
+(_ops.py: C++ on CPU and CUDA; _triton.py; _emulated.py), with the autograd of _autograd.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._validate import Options, Problem
+
+# Every fused op takes (student, teachers, labels, teacher weights) and these options: the loss
+# options of Options, defined once, and whether to compute the gradient. The op schema is built
+# from them, so an option added to Options reaches every backend's op.
+_OP_OPTIONS = [(f.name, f.type) for f in fields(Options)] + [("compute_grad", "bool")]
+OpOptions = NamedTuple("OpOptions", _OP_OPTIONS)
+_PYTHON_TYPES = {"float": float, "str": str, "bool": bool, "int": int, "int | None": int | None}
+
+
+def fused_op_signature(impl: Callable) -> Callable:
+    """Give a fused op's implementation, written as impl(student, teachers, labels,
+    teacher_weights, *options), the typed signature torch.library infers the op schema from:
+    the options are OpOptions', so every backend's op has one schema, built from Options."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    head = [
+        ("student", Tensor),
+        ("teachers", list[Tensor]),
+        ("labels", Tensor | None),
+        ("teacher_weights", list[float]),
+    ]
+    options = [(name, _PYTHON_TYPES[t]) for name, t in _OP_OPTIONS]
+    impl.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, kind, annotation=t) for n, t in head + options],
+        return_annotation=tuple[Tensor, Tensor],
+    )
+    return impl
+
+
+def _dtype_name(x: Tensor) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
+
+def _loss_dtype(student: Tensor) -> torch.dtype:
+    return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
+def check_op_inputs(
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    num_weights: int,
+    *,
+    same_dtype: bool = True,
+) -> None:
+    """The kernels read raw pointers: whoever calls the op directly (not through
+    distillation_loss) gets an error here rather than an out-of-bounds read. `same_dtype`: the
+    kernel takes one dtype for all teachers (the C++ and CUDA kernels; Triton takes each own)."""
+
+    def unit_last(x: Tensor) -> bool:
+        return x.stride(1) == 1 or x.shape[1] == 1
+
+    if student.dim() != 2 or not unit_last(student):
+        raise ValueError("student must be [N, C] with a contiguous last dimension")
+    if not teachers or len(teachers) != num_weights:
+        raise ValueError("need one teacher weight per teacher, and at least one teacher")
+    for t in teachers:
+        if t.shape != student.shape or not unit_last(t) or t.device != student.device:
+            raise ValueError("every teacher must be [N, C] like the student, last dim contiguous")
+        if same_dtype and t.dtype != teachers[0].dtype:
+            raise ValueError("the teachers must share one dtype")
+    if labels is not None and (
+        labels.dtype != torch.int64
+        or labels.shape != student.shape[:1]
+        or labels.stride(0) != 1
+        or labels.device != student.device
+    ):
+        raise ValueError("labels must be a contiguous int64 [N] tensor on the student's device")
+
+
+def kernel_arguments(
+    ext, student: Tensor, teachers: list[Tensor], labels: Tensor | None, weights, o: OpOptions
+) -> tuple[dict, Tensor, Tensor]:
+    """The keywords of `make_args` for one call of a fused C++ op (the enum codes by name from
+    the extension `ext`), and the outputs they point into: per-row losses [N] and, if
+    compute_grad, the gradient [N, C] (else an empty tensor)."""
+    check_op_inputs(student, teachers, labels, len(weights))
+    n, c = student.shape
+    row_loss = student.new_empty((n,), dtype=_loss_dtype(student))
+    grad = student.new_empty((n, c) if o.compute_grad else (0,))
+    arguments = dict(
+        student=student.data_ptr(),
+        student_row_stride=student.stride(0),
+        student_dtype=ext.DTYPE_CODES[_dtype_name(student)],
+        teachers=[t.data_ptr() for t in teachers],
+        teacher_row_strides=[t.stride(0) for t in teachers],
+        teacher_dtype=ext.DTYPE_CODES[_dtype_name(teachers[0])],
+        teacher_weights=weights,
+        labels=0 if labels is None else labels.data_ptr(),
+        ignore_index=o.ignore_index,
+        unlabeled_index=o.unlabeled_index,
+        num_rows=n,
+        num_classes=c,
+        temperature=o.temperature,
+        soft_weight=o.soft_weight,
+        hard_weight=o.hard_weight,
+        scale_soft_by_t2=o.scale_soft_by_t2,
+        ensemble=ext.ENSEMBLE_CODES[o.ensemble],
+        soft_loss=ext.SOFT_LOSS_CODES[o.soft_loss],
+        reduction=ext.REDUCTION_CODES[o.reduction],
+        row_loss=row_loss.data_ptr(),
+        grad=grad.data_ptr() if o.compute_grad else 0,
+        num_threads=torch.get_num_threads(),
+    )
+    return arguments, row_loss, grad
+
+
+def fused_fake(student: Tensor, teachers, labels, teacher_weights, *options_and_compute_grad):
+    """The fake (meta) implementation of every fused op: the output shapes and dtypes."""
+    compute_grad = options_and_compute_grad[-1]
+    n, c = student.shape
+    row_loss = student.new_empty((n,), dtype=_loss_dtype(student))
+    return row_loss, student.new_empty((n, c) if compute_grad else (0,))
+
+
+def kernel_dtypes(problem: Problem) -> tuple[Tensor, list[Tensor]]:
+    """The C++ and CUDA kernels take float64 only all together, and one dtype for all teachers:
+    teachers of different dtypes are promoted to the widest of them (float16 with bfloat16 gives
+    float32), never rounded down, so the result does not depend on the order of the list."""
+    student, teachers = problem.student, problem.teachers
+    if student.dtype == torch.float64 or any(t.dtype == torch.float64 for t in teachers):
+        return student.double(), [t.double() for t in teachers]
+    dtype = teachers[0].dtype
+    for t in teachers[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return student, [t if t.dtype == dtype else t.to(dtype) for t in teachers]
+
+
+def op_arguments(problem: Problem, student: Tensor, teachers, weights) -> tuple:
+    """The positional arguments of a fused op (this one or another backend's) for a problem."""
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    options = OpOptions(**asdict(problem.options), compute_grad=compute_grad)
+    return (student, teachers, problem.labels, weights, *options)

@@ -1,0 +1,89 @@
+// The kernel argument struct as every kdkernels binding module builds it from Python: raw
+// pointers and options in, a checked kd::KDArgs out (kd::check_args, before any kernel reads a
+// byte). Header-only so the product module (_C) and the test-only emulator module (_emulator)
+// each register their own module-local KDArgs type.
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kd_args.h"
+
+namespace kd_python {
+namespace py = pybind11;
+
+template <typename T>
+inline T* as_pointer(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+inline kd::DType dtype_from_code(int code, const char* name) {
+  if (code < 0 || code > 3) throw std::invalid_argument(std::string(name) + ": unknown dtype code");
+  return static_cast<kd::DType>(code);
+}
+
+inline kd::KDArgs make_args(uintptr_t student, int64_t student_row_stride, int student_dtype,
+                     const std::vector<uintptr_t>& teachers,
+                     const std::vector<int64_t>& teacher_row_strides, int teacher_dtype,
+                     const std::vector<double>& teacher_weights, uintptr_t labels,
+                     int64_t ignore_index, std::optional<int64_t> unlabeled_index,
+                     int64_t num_rows, int64_t num_classes, double temperature,
+                     double soft_weight, double hard_weight, bool scale_soft_by_t2, int ensemble,
+                     int soft_loss, int reduction, uintptr_t row_loss, uintptr_t grad,
+                     int num_threads) {
+  if (teachers.size() != teacher_row_strides.size() || teachers.size() != teacher_weights.size())
+    throw std::invalid_argument("teachers, teacher_row_strides and teacher_weights differ in length");
+  if (teachers.empty() || teachers.size() > static_cast<size_t>(kd::kMaxTeachers))
+    throw std::invalid_argument("the number of teachers must be in [1, 64]");
+  kd::KDArgs a;
+  a.student = as_pointer<const void>(student);
+  a.student_row_stride = student_row_stride;
+  a.student_dtype = dtype_from_code(student_dtype, "student_dtype");
+  a.num_teachers = static_cast<int32_t>(teachers.size());
+  for (size_t m = 0; m < teachers.size(); ++m) {
+    a.teachers[m] = as_pointer<const void>(teachers[m]);
+    a.teacher_row_strides[m] = teacher_row_strides[m];
+    a.teacher_weights[m] = teacher_weights[m];
+  }
+  a.teacher_dtype = dtype_from_code(teacher_dtype, "teacher_dtype");
+  a.labels = as_pointer<const int64_t>(labels);
+  a.ignore_index = ignore_index;
+  a.has_unlabeled_index = unlabeled_index.has_value();
+  a.unlabeled_index = unlabeled_index.value_or(0);
+  a.num_rows = num_rows;
+  a.num_classes = num_classes;
+  a.temperature = temperature;
+  a.soft_weight = soft_weight;
+  a.hard_weight = hard_weight;
+  a.scale_soft_by_t2 = scale_soft_by_t2;
+  a.ensemble = static_cast<kd::Ensemble>(ensemble);
+  a.soft_loss = static_cast<kd::SoftLoss>(soft_loss);
+  a.reduction = static_cast<kd::Reduction>(reduction);
+  a.row_loss = as_pointer<void>(row_loss);
+  a.grad = as_pointer<void>(grad);
+  a.num_threads = num_threads;
+  if (const char* problem = kd::check_args(a)) throw std::invalid_argument(problem);
+  return a;
+}
+
+// Registers KDArgs (module-local: never clashes with another build loaded beside it) and make_args.
+inline void bind_args(py::module_& m) {
+  py::class_<kd::KDArgs>(m, "KDArgs", py::module_local());
+  m.def("make_args", &make_args, py::kw_only(), py::arg("student"), py::arg("student_row_stride"),
+        py::arg("student_dtype"), py::arg("teachers"), py::arg("teacher_row_strides"),
+        py::arg("teacher_dtype"), py::arg("teacher_weights"), py::arg("labels"),
+        py::arg("ignore_index"), py::arg("unlabeled_index"), py::arg("num_rows"),
+        py::arg("num_classes"), py::arg("temperature"), py::arg("soft_weight"),
+        py::arg("hard_weight"), py::arg("scale_soft_by_t2"), py::arg("ensemble"),
+        py::arg("soft_loss"), py::arg("reduction"), py::arg("row_loss"), py::arg("grad"),
+        py::arg("num_threads"),
+        "Build and check the kernel argument struct from raw pointers and options.");
+}
+
+}  // namespace kd_python
