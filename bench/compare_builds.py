@@ -20,6 +20,10 @@ import time
 
 import torch
 
+from kdkernels import _C as this  # its KDArgs type is module-local: no clash with the other's
+from kdkernels._fused import OpOptions, kernel_arguments
+from kdkernels._validate import Options
+
 CASES = [  # (N, C, M, dtype, ensemble)
     (2048, 32000, 1, torch.float32, "geometric"),
     (2048, 32000, 4, torch.float32, "geometric"),
@@ -28,7 +32,6 @@ CASES = [  # (N, C, M, dtype, ensemble)
     (65536, 10, 1, torch.float32, "geometric"),
     (256, 1000, 5, torch.float32, "geometric"),
 ]
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 2}
 
 
 def load_other(folder: str):
@@ -41,38 +44,17 @@ def load_other(folder: str):
 
 
 def raw_arguments(n, c, m, dtype, ensemble, near, keep):
+    """make_args keywords (the same in both builds) for one case, with its tensors kept alive."""
     gen = torch.Generator().manual_seed(0)
     teachers = torch.randn(m, n, c, generator=gen) * 2
     noise = torch.randn(n, c, generator=gen)
     student = teachers.mean(0) + 0.05 * noise if near else 2 * noise
-    student, teachers = student.to(dtype), teachers.to(dtype)
+    student, teachers = student.to(dtype), list(teachers.to(dtype))
     labels = torch.randint(0, c, (n,), generator=gen)
-    loss, grad = torch.empty(n), torch.empty(n, c, dtype=dtype)
-    keep += [student, teachers, labels, loss, grad]
-    return dict(
-        student=student.data_ptr(),
-        student_row_stride=c,
-        student_dtype=DTYPE_CODES[dtype],
-        teachers=[t.data_ptr() for t in teachers],
-        teacher_row_strides=[c] * m,
-        teacher_dtype=DTYPE_CODES[dtype],
-        teacher_weights=[1 / m] * m,
-        labels=labels.data_ptr(),
-        ignore_index=-100,
-        unlabeled_index=None,
-        num_rows=n,
-        num_classes=c,
-        temperature=4.0,
-        soft_weight=0.9,
-        hard_weight=0.1,
-        scale_soft_by_t2=True,
-        ensemble=0 if ensemble == "geometric" else 1,
-        soft_loss=0,
-        reduction=0,
-        row_loss=loss.data_ptr(),
-        grad=grad.data_ptr(),
-        num_threads=torch.get_num_threads(),
-    )
+    options = OpOptions(**Options(ensemble=ensemble).as_dict(), compute_grad=True)
+    keywords, *outputs = kernel_arguments(this, student, teachers, labels, [1 / m] * m, options)
+    keep += [student, teachers, labels, *outputs]
+    return keywords
 
 
 def main() -> None:
@@ -81,8 +63,7 @@ def main() -> None:
     parser.add_argument("--near", action="store_true", help="students close to their teachers")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
-    other = load_other(args.other)  # before this build: its KDArgs type is registered globally
-    from kdkernels import _C as this
+    other = load_other(args.other)
 
     print(f"{'case':40} {'this ms':>9} {'other ms':>9} {'this/other':>10}")
     for n, c, m, dtype, ensemble in CASES:

@@ -218,8 +218,10 @@ struct RowSums {
 // kKeep stores the exponentials for the gradient pass, and kPow > 0 says T == kPow (1, 2, 4 or
 // 8): then exp(ds) = exp(ds / T)^T takes log2(kPow) squarings instead of a third exponential
 // (relative error kPow times that of one exp). Each combination is its own branch-free loop.
+// Kept out of line (as is the accurate pass): each instance's loop is vectorised on its own; inlined
+// into the row function, GCC left some instances scalar (10x slower).
 template <bool kSoft, bool kHard, bool kKeep, typename Div, int kPow, typename Acc>
-RowSums<Acc> exp_pass(const RowBuffers<Acc>& b, const NextRow& next, int64_t C, Acc m_z, Acc m_s,
+[[gnu::noinline]] RowSums<Acc> exp_pass(const RowBuffers<Acc>& b, const NextRow& next, int64_t C, Acc m_z, Acc m_s,
                       Acc inv_t) {
   Acc* __restrict__ s = b.s;
   Acc* __restrict__ z = b.z;
@@ -321,7 +323,7 @@ void grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc p_scale, Ac
 // (the Triton and CUDA kernels do the same in every row). m_s, log_lu, m_z, log_lz: the fast
 // pass's row statistics; scratch: C floats.
 template <typename Div, typename S, typename Tt>
-float accurate_soft_term(const KDArgs& a, int64_t i, float m_s, float log_lu, float m_z,
+[[gnu::noinline]] float accurate_soft_term(const KDArgs& a, int64_t i, float m_s, float log_lu, float m_z,
                          float log_lz, float* __restrict__ scratch) {
   const int64_t C = a.num_classes;
   const float inv_t = 1.f / static_cast<float>(a.temperature);

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -66,7 +66,7 @@ def _reference_loss(problem: Problem) -> Tensor:
         problem.teachers,
         problem.labels,
         teacher_weights=problem.weights,
-        **asdict(o),
+        **o.as_dict(),
     )
     return loss.reshape(problem.lead_shape if o.reduction == "none" else ())
 

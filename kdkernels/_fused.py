@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import NamedTuple
 
 import torch
@@ -145,5 +145,5 @@ def kernel_dtypes(problem: Problem) -> tuple[Tensor, list[Tensor]]:
 def op_arguments(problem: Problem, student: Tensor, teachers, weights) -> tuple:
     """The positional arguments of a fused op (this one or another backend's) for a problem."""
     compute_grad = student.requires_grad and torch.is_grad_enabled()
-    options = OpOptions(**asdict(problem.options), compute_grad=compute_grad)
+    options = OpOptions(**problem.options.as_dict(), compute_grad=compute_grad)
     return (student, teachers, problem.labels, weights, *options)

@@ -12,7 +12,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -38,6 +38,11 @@ class Options:
     ignore_index: int = -100
     unlabeled_index: int | None = None
     reduction: str = "mean"
+
+    def as_dict(self) -> dict[str, object]:
+        """The options by name (a shallow copy: dataclasses.asdict's deep copy cost ~40 us a
+        call, a visible part of a small batch's loss)."""
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ def _index(name: str, value: object) -> int:
 
 
 OPTION_NAMES = tuple(f.name for f in fields(Options))
+_DEFAULT_VALUES = Options().as_dict()
 
 
 def validate_options(**given: object) -> Options:
@@ -91,7 +97,7 @@ def validate_options(**given: object) -> Options:
     unknown = sorted(set(given) - set(OPTION_NAMES))
     if unknown:
         raise TypeError(f"unknown options {unknown}; the options are {list(OPTION_NAMES)}")
-    values = {**asdict(Options()), **given}
+    values = {**_DEFAULT_VALUES, **given}
     temperature, scale_soft_by_t2 = values["temperature"], values["scale_soft_by_t2"]
     ignore_index, unlabeled_index = values["ignore_index"], values["unlabeled_index"]
     if not isinstance(scale_soft_by_t2, bool):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 from torch import Tensor, nn
 
@@ -126,11 +126,11 @@ class DistillationLoss(nn.Module):
             labels,
             teacher_weights=self.teacher_weights,
             backend=self.backend,
-            **asdict(self._options),
+            **self._options.as_dict(),
         )
 
     def extra_repr(self) -> str:
-        shown = {k: v for k, v in asdict(self._options).items() if v != getattr(_DEFAULTS, k)}
+        shown = {k: v for k, v in self._options.as_dict().items() if v != getattr(_DEFAULTS, k)}
         if self.teacher_weights is not None:
             shown["teacher_weights"] = self.teacher_weights
         if self.backend != "auto":
