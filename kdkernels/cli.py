@@ -36,9 +36,11 @@ def info() -> int:
         else:
             print("          CUDA: not compiled")
     print("backends:")
-    for name, status in kdkernels.backends().items():
+    statuses = kdkernels.backends()
+    width = max(map(len, statuses))
+    for name, status in statuses.items():
         mark = "yes" if status.available else "no "
-        print(f"  {name:<7} {mark}  {status.reason}")
+        print(f"  {name:<{width}} {mark}  {status.reason}")
     return 0
 
 
