@@ -437,8 +437,10 @@ __global__ void __launch_bounds__(kThreads)
   float soft_sum = 0.f;
   for (int64_t j = first; j < span.end; j += step) {
     const int64_t o = j - span.begin;  // position in the row copy
-    float s[V], p[V], log_p[V], d[V];
+    float s[V], p[V], log_p[V], d[V], log_q[V];
     load<V>(s_cache ? s_cache + o : s_row + j, s);
+    KD_UNROLL
+    for (int k = 0; k < V; ++k) log_q[k] = (s[k] - m_s) * inv_t - log_lu;  // relative to the max
     if (role.soft && geometric) {
       float s_hat[V], diff[V];
       student_hat(s, s_ref, s_hat);
@@ -451,8 +453,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < V; ++k) {
         log_p[k] = (diff[k] + (s_hat[k] - s_ref)) * inv_t - m_z - log_lz;
         p[k] = __expf(log_p[k]);
-        const float log_q = (s[k] - m_s) * inv_t - log_lu;
-        d[k] = use_diff && finite(s[k]) ? diff[k] * inv_t + d_const : log_p[k] - log_q;
+        d[k] = use_diff && finite(s[k]) ? diff[k] * inv_t + d_const : log_p[k] - log_q[k];
       }
     } else if (role.soft) {
       KD_UNROLL
@@ -469,7 +470,7 @@ __global__ void __launch_bounds__(kThreads)
       KD_UNROLL
       for (int k = 0; k < V; ++k) {
         log_p[k] = __logf(p[k]);
-        d[k] = log_p[k] - ((s[k] - m_s) * inv_t - log_lu);
+        d[k] = log_p[k] - log_q[k];
       }
     }
     float g[V];
@@ -477,10 +478,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < V; ++k) {
       g[k] = 0.f;
       if (role.soft) {
-        const float log_q = (s[k] - m_s) * inv_t - log_lu;  // relative to the max: shift-invariant
-        const float q = __expf(log_q);
+        const float q = __expf(log_q[k]);
         soft_sum += visit_divergence(a.soft_loss, [&](auto divergence) {
-          return decltype(divergence)::term(p[k], log_p[k], d[k], q, log_q);
+          return decltype(divergence)::term(p[k], log_p[k], d[k], q, log_q[k]);
         });
         g[k] = cs * (q - p[k]);
       }

@@ -3,16 +3,13 @@
 // handling and user-facing validation live in Python (kdkernels/_validate.py); this layer only
 // refuses what would make the kernel read or write out of bounds.
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
 #include <cstdint>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#include <optional>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "args.h"
 #include "kd_args.h"

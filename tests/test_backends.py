@@ -23,10 +23,6 @@ EVERY = backends_here()
 FAST = [b for b in EVERY if not (b == "triton" and device_of(b) == "cpu")]
 
 
-def run_case(case, backend, dtype, seed=0):
-    return run_against_reference(backend, case, dtype, seed)
-
-
 @pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", EVERY)
@@ -44,7 +40,7 @@ def test_every_backend_matches_reference_on_the_full_grid(backend, dtype, case):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_inputs_give_float64_loss(backend):
     case = next(c for c in FULL if c.name == "opt-arithmetic-kl-mean-t21-mixed-M2")
-    out, ref, grad, ref_grad = run_case(case, backend, torch.float64)
+    out, ref, grad, ref_grad = run_against_reference(backend, case, torch.float64)
     assert out.dtype == torch.float64
     assert rel_error(out, ref) < 1e-12 and rel_error(grad, ref_grad) < 1e-12
 
