@@ -8,10 +8,10 @@ achieved bandwidth as a fraction of a device-to-device copy measured in the same
 By default it runs four cases that take the CUDA kernel's different paths: a 128k vocabulary
 in bfloat16 (on sm_90 a cluster of 4 blocks per row, each holding a quarter of the row in shared
 memory), a 32k vocabulary in bfloat16 (one block per row with the row copied into shared memory),
-an ensemble of four in float32, and 1000 classes (a warp per row). The CUDA kernel is also timed
-with the shared-memory copy off ("kdkernels-cuda-no-smem-row": pass 2 re-reads through L2).
-On a machine without a GPU it says so (and why,
-per backend) and exits with status 2.
+an ensemble of four in float32, and 1000 classes (a warp per row). Run it again with
+KDKERNELS_CUDA_ROW_CACHE=0 to time the CUDA kernel with the shared-memory copy off (pass 2
+re-reads the row through L2). On a machine without a GPU it says so (and why, per backend) and
+exits with status 2.
 """
 
 from __future__ import annotations

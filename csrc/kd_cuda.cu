@@ -4,7 +4,7 @@
 #include <cstring>
 
 #include "kd_cuda.h"
-#include "kd_cuda_kernel.cuh"
+#include "kd_cuda_launch.cuh"
 
 namespace kd {
 namespace {
@@ -21,10 +21,13 @@ struct DeviceGuard {
 };
 
 // KDKERNELS_CUDA_ROW_CACHE=0 turns the shared-memory row copy off, to measure what it buys
-// (read on every call, so a benchmark can compare both in one process).
+// (read once per process, like every knob of docs/DESIGN.md "Environment variables").
 bool row_cache_enabled() {
-  const char* v = std::getenv("KDKERNELS_CUDA_ROW_CACHE");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  static const bool enabled = [] {
+    const char* v = std::getenv("KDKERNELS_CUDA_ROW_CACHE");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
 }
 
 using FusedKernel = void (*)(KDArgs, const unsigned long long*, LaunchPlan);

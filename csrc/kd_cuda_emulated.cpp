@@ -3,7 +3,7 @@
 // launch plan is the GPU's, for the device limits the caller describes.
 #include "kd_cuda_emulated.h"
 
-#include "kd_cuda_kernel.cuh"
+#include "kd_cuda_launch.cuh"
 
 namespace kd {
 namespace {

@@ -25,6 +25,9 @@ REDUCTIONS = ("mean", "sum", "none")
 # or T^2 underflows (T = 1e-40 gave NaN on every backend); above, the soft targets are uniform to
 # the last bit and T^2 magnifies rounding.
 TEMPERATURE_RANGE = (1e-4, 1e4)
+# KDKERNELS_VALIDATE=1: check labels on the host for GPU inputs too (a sync per call; read once,
+# like every knob listed in docs/DESIGN.md "Environment variables").
+HOST_LABEL_CHECK = os.environ.get("KDKERNELS_VALIDATE") == "1"
 
 
 @dataclass(frozen=True)
@@ -224,7 +227,7 @@ def _labels(labels: object, student: Tensor, options: Options) -> Tensor | None:
     if labels.device != student.device:
         raise ValueError(f"labels is on {labels.device} but student_logits is on {student.device}")
     flat = labels.reshape(-1).to(torch.int64).contiguous()
-    host_check = labels.device.type == "cpu" or os.environ.get("KDKERNELS_VALIDATE") == "1"
+    host_check = labels.device.type == "cpu" or HOST_LABEL_CHECK
     if host_check and not torch.compiler.is_compiling() and flat.numel() > 0:
         c = student.shape[-1]
         lo, hi = flat.aminmax()  # one pass settles the common case: every label a class

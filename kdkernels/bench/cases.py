@@ -1,0 +1,155 @@
+"""The benchmark's cases and providers: what is timed (shapes, dtypes, divergences) and who is
+timed (eager PyTorch, torch.compile, each kdkernels backend present, Liger on a GPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import kdkernels
+
+from .._backends import REGISTRY, missing
+from ..reference import kd_loss_reference
+
+TEMPERATURE, SOFT_WEIGHT, HARD_WEIGHT = 4.0, 0.9, 0.1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    c: int
+    m: int = 1
+    dtype: str = "float32"
+    backward: bool = True
+
+    @property
+    def name(self) -> str:
+        mode = "fwd+bwd" if self.backward else "fwd"
+        return f"N={self.n} C={self.c} M={self.m} {self.dtype} {mode}"
+
+    def minimal_bytes(self) -> int:
+        """Read the student and the M teachers once; write the gradient once (if backward)."""
+        size = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        return self.n * self.c * size * (1 + self.m + (1 if self.backward else 0))
+
+    def inputs(self, device: str = "cpu", seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        dtype = DTYPES[self.dtype]
+        student = (torch.randn(self.n, self.c, generator=gen) * 2).to(device, dtype)
+        teachers = (torch.randn(self.m, self.n, self.c, generator=gen) * 2).to(device, dtype)
+        labels = torch.randint(0, self.c, (self.n,), generator=gen).to(device)
+        return student, teachers, labels
+
+
+# The grids. "targets" are the shapes of the CPU performance contract (docs/DESIGN.md section 4).
+def _product(ns, cs, ms, dtypes) -> list[Case]:
+    return [Case(n, c, m, d) for d in dtypes for m in ms for n in ns for c in cs]
+
+
+GRIDS: dict[str, list[Case]] = {
+    "quick": [Case(256, 10), Case(256, 1000, m=4), Case(64, 32000, dtype="bfloat16")],
+    # Image classifiers: small rows, where per-call overhead and short-row loops decide.
+    "classification": _product((256, 65536), (10, 100, 1000), (1, 4), ("float32",)),
+    "default": _product((256, 65536), (10, 100, 1000), (1, 4), ("float32", "bfloat16"))
+    + _product((2048, 8192), (32000, 128256), (1, 4), ("float32", "bfloat16")),
+    "targets": [
+        Case(2048, 32000),
+        Case(2048, 32000, m=4),
+        Case(65536, 10),
+        Case(2048, 32000, dtype="bfloat16"),
+        Case(2048, 32000, m=4, dtype="bfloat16"),
+        Case(65536, 10, dtype="bfloat16"),
+    ],
+}
+
+
+# Rough peak working set of each provider beyond its inputs, in [N, C] float32 buffers: --memory
+# on the targets grid measured eager at 5-7 and compile at 1.5-2 after warm-up, but compiling
+# itself peaks higher (an 8192 x 128256 bfloat16 case at an estimate of 3 was killed for memory).
+_WORKING_SET = {"eager": 8.0, "compile": 6.0}
+
+
+def estimated_bytes(case: Case, provider: str) -> int:
+    size = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+    inputs = case.n * case.c * size * (1 + case.m)
+    return int(inputs + case.n * case.c * 4 * _WORKING_SET.get(provider, 1.0))
+
+
+def eager_kd_loss(student: Tensor, teachers: Tensor, labels: Tensor) -> Tensor:
+    """The distillation loss the way users write it in PyTorch (one teacher, or the geometric
+    mean of an ensemble: the softmax of the mean logits)."""
+    s = student.float()
+    t = teachers[0].float() if teachers.shape[0] == 1 else teachers.float().mean(0)
+    soft = F.kl_div(
+        F.log_softmax(s / TEMPERATURE, -1),
+        F.log_softmax(t / TEMPERATURE, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return SOFT_WEIGHT * TEMPERATURE**2 * soft + HARD_WEIGHT * F.cross_entropy(s, labels)
+
+
+def _kdkernels_provider(backend: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    def loss(student: Tensor, teachers: Tensor, labels: Tensor) -> Tensor:
+        return kdkernels.distillation_loss(
+            student,
+            teachers,
+            labels,
+            temperature=TEMPERATURE,
+            soft_weight=SOFT_WEIGHT,
+            hard_weight=HARD_WEIGHT,
+            backend=backend,
+        )
+
+    return loss
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def providers(device: str = "cpu") -> dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    """Every provider that can run here on `device`: eager, compile, and each kdkernels backend."""
+    if "compile" not in _compiled:
+        _compiled["compile"] = torch.compile(eager_kd_loss)
+    found = {"eager": eager_kd_loss, "compile": _compiled["compile"]}
+    # Each kernel on its own device (the first it serves: Triton on CPU is the test interpreter).
+    for name, backend in REGISTRY.items():
+        # auto=False marks test tools (the CUDA emulator): correct, but not worth timing.
+        timed = backend.kernel and backend.auto and backend.devices[0] == device
+        if timed and missing(name) is None:
+            found[f"kdkernels-{name}"] = _kdkernels_provider(name)
+    if device == "cuda":
+        liger = _liger_provider()
+        if liger is not None:
+            found["liger"] = liger
+    return found
+
+
+def _liger_provider() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """Liger-Kernel's KL-divergence and cross-entropy losses composed into the same loss (its
+    KL takes log-probabilities, so the softmaxes stay eager), when Liger is installed."""
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
+    except ImportError:
+        return None
+    kl, ce = LigerKLDIVLoss(reduction="batchmean", log_target=True), LigerCrossEntropyLoss()
+
+    def loss(student: Tensor, teachers: Tensor, labels: Tensor) -> Tensor:
+        t = teachers[0] if teachers.shape[0] == 1 else teachers.float().mean(0)
+        soft = kl(
+            F.log_softmax(student.float() / TEMPERATURE, -1),
+            F.log_softmax(t.float() / TEMPERATURE, -1),
+        )
+        return SOFT_WEIGHT * TEMPERATURE**2 * soft + HARD_WEIGHT * ce(student, labels)
+
+    return loss
+
+
+def reference_loss(case: Case) -> float:
+    student, teachers, labels = case.inputs("cpu")
+    return float(kd_loss_reference(student.double(), teachers.double(), labels))

@@ -1,0 +1,184 @@
+"""Timing and memory: the median time of one call per provider, the streaming floor measured
+in the same run, peak memory in a fresh process, and `run` over a grid of cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from .cases import DTYPES, Case, _compiled, estimated_bytes, providers, reference_loss
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 1):
+    """Median seconds of one call (forward, and backward when case.backward), and the loss."""
+    student, teachers, labels = case.inputs(device)
+    student.requires_grad_(case.backward)
+
+    def once() -> Tensor:
+        student.grad = None
+        loss = fn(student, teachers, labels)
+        if case.backward:
+            loss.backward()
+        return loss
+
+    for _ in range(warmup):
+        loss = once()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        loss = once()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), float(loss.detach())
+
+
+def copy_bandwidth(case: Case, device: str = "cpu", repeats: int = 10) -> float:
+    """Bytes per second of a plain tensor copy as large as the case's inputs (read + write),
+    from the fastest of `repeats` copies: the floor is the best the memory system showed."""
+    src = torch.randn(case.n * case.c * (case.m + 1), device=device).to(DTYPES[case.dtype])
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / min(times)
+
+
+def peak_memory_mb(provider: str, case: Case) -> float:
+    """Peak resident memory of one call above what the process held before it (the inputs),
+    measured in a fresh process per provider so that no other provider's memory counts."""
+    out = subprocess.run(
+        [sys.executable, "-m", "kdkernels.bench", provider, json.dumps(asdict(case))],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child_peak_memory(provider: str, case_json: str) -> None:
+    case = Case(**json.loads(case_json))
+    fn = providers("cpu")[provider]
+    student, teachers, labels = case.inputs("cpu")
+    student.requires_grad_(case.backward)
+
+    def once() -> None:
+        student.grad = None
+        loss = fn(student, teachers, labels)
+        if case.backward:
+            loss.backward()
+        student.grad = None
+
+    once()  # warm-up: compilation and allocator start-up are not the loss's memory
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset the peak (VmHWM) to the current resident size
+    base = _rss_kb("VmRSS:")
+    once()
+    print((_rss_kb("VmHWM:") - base) / 1024)
+
+
+@dataclass
+class Row:
+    case: str
+    provider: str
+    ms: float
+    loss: float
+    reference: float
+    speedup_vs_eager: float = float("nan")
+    speedup_vs_compile: float = float("nan")
+    gbps: float = float("nan")
+    floor_ms: float = float("nan")
+    times_floor: float = float("nan")
+    peak_mb: float = float("nan")
+    note: str = ""
+
+
+def run(
+    cases: list[Case],
+    device: str = "cpu",
+    repeats: int = 5,
+    memory: bool = False,
+    progress: bool = True,
+) -> list[Row]:
+    """Time every provider on every case; ratios are within one case, measured back to back.
+    A provider whose estimated working set would not fit in this machine's memory is skipped,
+    with a note saying so."""
+    names = list(providers(device))
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bench extra brings tqdm; without it, no progress bar
+
+        def tqdm(it, **_):
+            return it
+
+    rows: list[Row] = []
+    steps = [(case, name) for case in cases for name in names]
+    bar = tqdm(steps, desc="kdkernels bench", disable=not progress, leave=False)
+    floors: dict[Case, float] = {}
+    refs: dict[Case, float] = {}
+    free = available_bytes() if device == "cpu" else torch.cuda.mem_get_info()[0]
+    for case, name in bar:
+        need = estimated_bytes(case, name)
+        if need > 0.6 * free:
+            note = f"skipped: needs about {need / 2**30:.0f} GiB"
+            rows.append(Row(case.name, name, float("nan"), float("nan"), float("nan"), note=note))
+            continue
+        if case not in floors:
+            # A fresh, static compilation per case, as a training run with fixed shapes gets:
+            # without the reset, dynamo's recompile limit (8) silently falls back to eager.
+            torch._dynamo.reset()
+            _compiled.clear()
+            floors[case] = case.minimal_bytes() / copy_bandwidth(case, device)
+            small = case.n * case.c * (1 + case.m) <= 2**29  # the float64 reference fits
+            refs[case] = reference_loss(case) if small else float("nan")
+        seconds, loss = time_provider(providers(device)[name], case, device, repeats)
+        row = Row(case.name, name, seconds * 1e3, loss, refs[case])
+        row.gbps = case.minimal_bytes() / seconds / 1e9
+        row.floor_ms = floors[case] * 1e3
+        row.times_floor = seconds / floors[case]
+        if memory and device == "cpu":
+            row.peak_mb = peak_memory_mb(name, case)
+        elif device == "cuda":
+            row.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        rows.append(row)
+    for row in rows:
+        same = {r.provider: r.ms for r in rows if r.case == row.case}
+        row.speedup_vs_eager = same.get("eager", float("nan")) / row.ms
+        row.speedup_vs_compile = same.get("compile", float("nan")) / row.ms
+    return rows
