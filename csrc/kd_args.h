@@ -9,7 +9,7 @@ namespace kd {
 
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 enum class Ensemble : int32_t { kGeometric = 0, kArithmetic = 1 };
-enum class SoftLoss : int32_t { kKL = 0, kCrossEntropy = 1 };
+enum class SoftLoss : int32_t { kKL = 0, kCrossEntropy = 1, kReverseKL = 2, kJSD = 3 };
 enum class Reduction : int32_t { kMean = 0, kSum = 1, kNone = 2 };
 
 // Teachers are passed as pointers, so an ensemble is never stacked; the array is fixed so the
@@ -39,6 +39,10 @@ struct KDArgs {
   int64_t unlabeled_index = 0;
   bool has_unlabeled_index = false;
 
+  // The denominators of "mean" for the soft and hard terms (num_items_in_batch), two int64 in
+  // the kernel's device memory; null: each term's own row count in this call.
+  const int64_t* row_counts = nullptr;
+
   int64_t num_rows = 0;     // N
   int64_t num_classes = 0;  // C
 
@@ -48,6 +52,7 @@ struct KDArgs {
   bool scale_soft_by_t2 = true;
   Ensemble ensemble = Ensemble::kGeometric;
   SoftLoss soft_loss = SoftLoss::kKL;
+  double beta = 0.5;  // jsd only: the mixture weight of the teachers, in [0, 1]
   Reduction reduction = Reduction::kMean;
 
   // Outputs. row_loss: [N], float64 when the inputs are float64, float32 otherwise; already

@@ -209,6 +209,14 @@ void fill_row(Out* dst, int64_t n, Acc v) {
   std::fill(dst, dst + n, o);
 }
 
+// The running sum of exp_pass for the divergences without a one-pass form: none.
+struct NoOnePassSum {
+  template <typename Acc>
+  static Acc fast_element(Acc, Acc, Acc) {
+    return Acc(0);
+  }
+};
+
 template <typename Acc>
 struct RowSums {
   Acc l_z = 1, l_u = 1, l_s = 1, sum_ex = 0;
@@ -289,8 +297,9 @@ RowSums<Acc> exp_pass(const KDArgs& a, bool keep, const RowBuffers<Acc>& b, cons
   const int64_t C = padded_classes(a.num_classes);  // the rows' -inf padding adds nothing
   // Only a row with both terms has an exp(ds / T) to square.
   const int power = kSoft && kHard ? temperature_power<Acc>(a.temperature) : 0;
-  return visit_divergence(a.soft_loss, [&](auto divergence) {
-    using Div = decltype(divergence);
+  return visit_divergence(divergence_of(a), [&](auto divergence) {
+    using Div = std::conditional_t<decltype(divergence)::row_sum_gradient, NoOnePassSum,
+                                   decltype(divergence)>;
     return keep ? exp_pass<kSoft, kHard, true, Div>(power, b, next, C, m_z, m_s, inv_t)
                 : exp_pass<kSoft, kHard, false, Div>(power, b, next, C, m_z, m_s, inv_t);
   });
@@ -314,89 +323,114 @@ void grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc p_scale, Ac
   }
 }
 
-// The soft term of row i as a sum of per-class terms (Div::term; for the KL each >= 0), for
-// the rows whose one-pass closing formula (Div::fast_close) cancels: the KL's
-// A / l_z - log l_z + log l_u subtracts terms of size log C, so for a student close to its
-// teachers (the KL near 0) it loses every digit and can read negative. This pass re-reads the
-// row's inputs (still in cache) and forms d = log p - log q where it keeps its digits: for the
-// geometric mean from D = sum_m w_m (t_m - s), exact where the student is near its teachers
-// (the Triton and CUDA kernels do the same in every row). m_s, log_lu, m_z, log_lz: the fast
-// pass's row statistics; scratch: C floats.
-template <typename Div, typename S, typename Tt>
-[[gnu::noinline]] float accurate_soft_term(const KDArgs& a, int64_t i, float m_s, float log_lu, float m_z,
-                         float log_lz, float* __restrict__ scratch) {
+// Pass 3 of a row_sum_gradient divergence: g_j = q_scale e_u (a_j - A) + r_scale e_s, with a in
+// the teacher buffer (soft_terms wrote it there); q = 0 contributes 0 even where a is infinite.
+template <typename S, typename Acc>
+void row_sum_grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc row_sum, Acc r_scale,
+                       S* __restrict__ grad) {
+  const Acc* __restrict__ s = b.s;
+  const Acc* __restrict__ a = b.z;
+  const Acc* __restrict__ u = b.u;
+#pragma omp simd
+  for (int64_t j = 0; j < C; ++j) {
+    Acc g = weighted_or_zero(q_scale * u[j], a[j] - row_sum);
+    if (r_scale != Acc(0)) g += r_scale * s[j];
+    grad[j] = from_acc<S>(g);
+  }
+}
+
+template <typename Acc>
+struct SoftSums {
+  Acc term = 0, qa = 0;  // the row's divergence; A = sum_j qa_j (row_sum_gradient divergences)
+};
+
+// The soft term of row i as a sum of per-class terms (Div::element, each >= 0): for the
+// divergences without a one-pass form (reverse KL, JSD), and for the KL rows whose one-pass
+// closing formula cancels (A / l_z - log l_z + log l_u subtracts terms of size log C, so for a
+// student close to its teachers, the KL near 0, it loses every digit and can read negative).
+// It re-reads the row's inputs (still in cache) and forms d = log p - log q where it keeps its
+// digits: for the geometric mean from D = sum_m w_m (t_m - s), exact where the student is near
+// its teachers (the Triton and CUDA kernels do the same in every row). m_s, log_lu, m_z,
+// log_lz: the exponential pass's row statistics; scratch: C values; a_out (or null): each
+// class's `a` for the gradient pass of a row_sum_gradient divergence.
+template <typename Div, typename S, typename Tt, typename Acc>
+[[gnu::noinline]] SoftSums<Acc> soft_terms(const KDArgs& a, int64_t i, Acc m_s, Acc log_lu,
+                                           Acc m_z, Acc log_lz, Acc* __restrict__ scratch,
+                                           Acc* __restrict__ a_out) {
   const int64_t C = a.num_classes;
-  const float inv_t = 1.f / static_cast<float>(a.temperature);
+  const Acc inv_t = Acc(1) / static_cast<Acc>(a.temperature), beta = static_cast<Acc>(a.beta);
   const S* __restrict__ s = static_cast<const S*>(a.student) + i * a.student_row_stride;
   auto teacher = [&](int32_t m) {
     return static_cast<const Tt*>(a.teachers[m]) + i * a.teacher_row_strides[m];
   };
-  auto finite = [](float x) { return x - x == 0.f; };
+  auto in = [](auto x) { return static_cast<Acc>(to_float(x)); };
+  auto finite = [](Acc x) { return x - x == Acc(0); };
   const bool geometric = combines_logits(a);
-  float ref_sum = 0.f, diff_max = 0.f;  // geometric: sum_m w_m ref_m, max finite |D|
+  Acc ref_sum = 0, diff_max = 0;  // geometric: sum_m w_m ref_m, max finite |D|
+  std::fill(scratch, scratch + C, Acc(0));
   if (geometric) {
-    const float s_first = to_float(s[0]);
-    const float s_ref = finite(s_first) ? s_first : 0.f;
-    std::fill(scratch, scratch + C, 0.f);
+    const Acc s_first = in(s[0]);
+    const Acc s_ref = finite(s_first) ? s_first : Acc(0);
     for (int32_t m = 0; m < a.num_teachers; ++m) {
-      const float w = static_cast<float>(a.teacher_weights[m]);
-      if (w == 0.f) continue;
+      const Acc w = static_cast<Acc>(a.teacher_weights[m]);
+      if (w == Acc(0)) continue;
       const Tt* __restrict__ t = teacher(m);
-      ref_sum += w * row_reference<float>(t);
+      ref_sum += w * row_reference<Acc>(t);
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j) {
-        const float sj = to_float(s[j]);
-        scratch[j] += w * (to_float(t[j]) - (finite(sj) ? sj : s_ref));
+        const Acc sj = in(s[j]);
+        scratch[j] += w * (in(t[j]) - (finite(sj) ? sj : s_ref));
       }
     }
-    Lanes<float> top(0.f);
+    Lanes<Acc> top(0);
     for_lanes(C, [&](int64_t j, int64_t k) {
-      const float v = finite(scratch[j]) ? std::fabs(scratch[j]) : 0.f;
+      const Acc v = finite(scratch[j]) ? std::fabs(scratch[j]) : Acc(0);
       top.v[k] = v > top.v[k] ? v : top.v[k];
     });
     diff_max = lane_max(top.v);
   } else {  // arithmetic: p_j = sum_m w_m softmax(t_m / T)_j, each member from its own max
-    std::fill(scratch, scratch + C, 0.f);
     for (int32_t m = 0; m < a.num_teachers; ++m) {
-      const float w = static_cast<float>(a.teacher_weights[m]);
-      if (w == 0.f) continue;
+      const Acc w = static_cast<Acc>(a.teacher_weights[m]);
+      if (w == Acc(0)) continue;
       const Tt* __restrict__ t = teacher(m);
-      Lanes<float> top(-std::numeric_limits<float>::infinity()), sum(0.f);
+      Lanes<Acc> top(-std::numeric_limits<Acc>::infinity()), sum(0);
       for_lanes(C, [&](int64_t j, int64_t k) {
-        const float v = to_float(t[j]);
+        const Acc v = in(t[j]);
         top.v[k] = v > top.v[k] ? v : top.v[k];
       });
-      const float mt = lane_max(top.v);
-      for_lanes(C, [&](int64_t j, int64_t k) { sum.v[k] += fast_exp((to_float(t[j]) - mt) * inv_t); });
-      const float c = w / lane_sum(sum.v);
+      const Acc mt = lane_max(top.v);
+      for_lanes(C, [&](int64_t j, int64_t k) { sum.v[k] += fast_exp((in(t[j]) - mt) * inv_t); });
+      const Acc c = w / lane_sum(sum.v);
 #pragma omp simd
-      for (int64_t j = 0; j < C; ++j) scratch[j] += c * fast_exp((to_float(t[j]) - mt) * inv_t);
+      for (int64_t j = 0; j < C; ++j) scratch[j] += c * fast_exp((in(t[j]) - mt) * inv_t);
     }
-  }
-  const float d_const = (m_s - ref_sum) * inv_t - m_z - log_lz + log_lu;
-  const bool use_diff = diff_max * inv_t <= 64.f;
-  // Lane accumulators, as in exp_pass: a plain vector loop with no reduction across lanes.
-  Lanes<float> kl(0.f);
-  const S* __restrict__ sp = s;
-  const float* __restrict__ buf = scratch;
-  if (geometric) {
-    for_lanes(C, [&](int64_t j, int64_t k) {
-      const float sj = to_float(sp[j]);
-      const bool sf = sj - sj == 0.f;
-      const float log_q = (sj - m_s) * inv_t - log_lu;
-      const float log_p = (buf[j] + ((sf ? sj : ref_sum) - ref_sum)) * inv_t - m_z - log_lz;
-      const float d = use_diff & sf ? buf[j] * inv_t + d_const : log_p - log_q;
-      kl.v[k] += Div::term(fast_exp(log_p), log_p, d, fast_exp(log_q), log_q);
-    });
-  } else {
     for (int64_t j = 0; j < C; ++j) scratch[j] = std::log(scratch[j]);
-    for_lanes(C, [&](int64_t j, int64_t k) {
-      const float log_q = (to_float(sp[j]) - m_s) * inv_t - log_lu;
-      const float log_p = buf[j];
-      kl.v[k] += Div::term(fast_exp(log_p), log_p, log_p - log_q, fast_exp(log_q), log_q);
-    });
   }
-  return lane_sum(kl.v);
+  const Acc d_const = (m_s - ref_sum) * inv_t - m_z - log_lz + log_lu;
+  const bool use_diff = diff_max * inv_t <= Acc(64);
+  // Lane accumulators, as in exp_pass: a plain vector loop with no reduction across lanes.
+  Lanes<Acc> term(0), qa(0);
+  const Acc* __restrict__ buf = scratch;
+  for_lanes(C, [&](int64_t j, int64_t k) {
+    const Acc sj = in(s[j]);
+    const Acc log_q = (sj - m_s) * inv_t - log_lu;
+    Acc log_p, d;
+    if (geometric) {
+      const bool sf = finite(sj);
+      log_p = (buf[j] + ((sf ? sj : ref_sum) - ref_sum)) * inv_t - m_z - log_lz;
+      d = use_diff & sf ? buf[j] * inv_t + d_const : log_p - log_q;
+    } else {
+      log_p = buf[j];
+      d = log_p - log_q;
+    }
+    const SoftElement<Acc> e = Div::element(fast_exp(log_p), log_p, d, fast_exp(log_q), log_q, beta);
+    term.v[k] += e.term;
+    if constexpr (Div::row_sum_gradient) {
+      qa.v[k] += e.qa;
+      if (a_out) a_out[j] = e.a;
+    }
+  });
+  return {lane_sum(term.v), lane_sum(qa.v)};
 }
 
 // Whether the float32 closing formula may have lost more than 1e-4 of its value: its error is a
@@ -454,20 +488,30 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   }
 
   Acc value = 0;
+  SoftSums<Acc> sums;  // from soft_terms: the row's divergence and A
+  const bool row_sum = visit_divergence(divergence_of(a), [](auto divergence) {
+    return decltype(divergence)::row_sum_gradient;
+  });
   if (role.soft) {
-    const Acc soft = visit_divergence(a.soft_loss, [&](auto divergence) {
+    const Acc soft = visit_divergence(divergence_of(a), [&](auto divergence) {
       using Div = decltype(divergence);
       using std::log;
-      Acc v = Div::fast_close(r.sum_ex, r.l_z, r.l_u);
-      if constexpr (Div::may_cancel) {
-        if (fast_close_cancelled(v, r.sum_ex / r.l_z, log(r.l_z), log(r.l_u))) {
-          if constexpr (std::is_same_v<Acc, float>)
-            v = accurate_soft_term<Div, S, Tt>(a, i, m_s, log(r.l_u), m_z, log(r.l_z), b.t);
-        } else if (v < Acc(0)) {
-          v = 0;  // float64 accumulation: rounding below 0
+      if constexpr (Div::row_sum_gradient) {  // no one-pass form: always the sum of terms
+        sums = soft_terms<Div, S, Tt>(a, i, m_s, Acc(log(r.l_u)), m_z, Acc(log(r.l_z)), b.t,
+                                      keep ? b.z : nullptr);
+        return sums.term;
+      } else {
+        Acc v = Div::fast_close(r.sum_ex, r.l_z, r.l_u);
+        if constexpr (Div::may_cancel) {
+          if (fast_close_cancelled(v, r.sum_ex / r.l_z, log(r.l_z), log(r.l_u))) {
+            v = soft_terms<Div, S, Tt>(a, i, m_s, Acc(log(r.l_u)), m_z, Acc(log(r.l_z)), b.t,
+                                       static_cast<Acc*>(nullptr)).term;
+          } else if (v < Acc(0)) {
+            v = 0;  // float64 accumulation: rounding below 0
+          }
         }
+        return v;
       }
-      return v;
     });
     value += static_cast<Acc>(scales.soft_loss) * soft;
   }
@@ -477,7 +521,9 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
 
   const Acc cs = static_cast<Acc>(scales.soft_grad), ch = static_cast<Acc>(scales.hard_grad);
   const Acc q_scale = cs / r.l_u, p_scale = cs / r.l_z, r_scale = ch / r.l_s;
-  if (role.soft && role.hard) {
+  if (role.soft && row_sum) {
+    row_sum_grad_pass(b, C, q_scale, sums.qa, role.hard ? r_scale : Acc(0), grad);
+  } else if (role.soft && role.hard) {
     grad_pass<true, true>(b, C, q_scale, p_scale, r_scale, grad);
   } else if (role.soft) {
     grad_pass<true, false>(b, C, q_scale, p_scale, r_scale, grad);
@@ -486,7 +532,11 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   }
   if (role.hard) {
     Acc g = r_scale * b.s[label] - ch;
-    if (role.soft) g += q_scale * b.u[label] - p_scale * b.z[label];
+    if (role.soft && row_sum) {
+      g += weighted_or_zero(q_scale * b.u[label], b.z[label] - sums.qa);
+    } else if (role.soft) {
+      g += q_scale * b.u[label] - p_scale * b.z[label];
+    }
     grad[label] = from_acc<S>(g);
   }
 }
@@ -500,6 +550,7 @@ void run(const KDArgs& a) {
     soft_rows += role.soft;
     hard_rows += role.hard;
   }
+  if (a.row_counts) soft_rows = a.row_counts[0], hard_rows = a.row_counts[1];  // num_items_in_batch
   const TermScales scales = term_scales(a, soft_rows, hard_rows);
   // Waking a thread costs microseconds: small problems (a classification batch) run on fewer.
   constexpr int64_t kMinElementsPerThread = int64_t(1) << 15;

@@ -92,10 +92,17 @@ const char* kd_forward_cuda(const KDArgs& a, void* stream_handle, int device, vo
   if (a.num_rows > 0x7fffffffLL) return "the CUDA kernel takes at most 2^31 - 1 rows";
   DeviceGuard guard(device);
   auto stream = static_cast<cudaStream_t>(stream_handle);
+  // The "mean" denominators: num_items_in_batch when given (int64 on the device, read as is),
+  // else the valid rows, counted on the device.
   auto* counts = static_cast<unsigned long long*>(workspace);
-  cudaError_t err = cudaMemsetAsync(counts, 0, 2 * sizeof(unsigned long long), stream);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  gpu::count_rows_kernel<<<gpu::count_blocks(a), gpu::kCountThreads, 0, stream>>>(a, counts);
+  cudaError_t err = cudaSuccess;
+  if (a.row_counts != nullptr) {
+    counts = reinterpret_cast<unsigned long long*>(const_cast<int64_t*>(a.row_counts));
+  } else {
+    err = cudaMemsetAsync(counts, 0, 2 * sizeof(unsigned long long), stream);
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+    gpu::count_rows_kernel<<<gpu::count_blocks(a), gpu::kCountThreads, 0, stream>>>(a, counts);
+  }
   const char* problem = nullptr;
   const gpu::DeviceLimits limits = device_limits(device, &problem);
   if (problem != nullptr) return problem;

@@ -24,9 +24,14 @@ const char* kd_forward_cuda_emulated(const KDArgs& a, const EmulatedDevice& devi
   if (a.num_rows == 0) return nullptr;
   if (a.num_rows > 0x7fffffffLL) return "the CUDA kernel takes at most 2^31 - 1 rows";
   unsigned long long counts[2] = {0, 0};
-  const char* error = emu::launch(gpu::count_blocks(a), gpu::kCountThreads, 0,
-                                  [&] { gpu::count_rows_kernel(a, counts); });
-  if (error != nullptr) return error;
+  if (a.row_counts != nullptr) {  // num_items_in_batch
+    counts[0] = static_cast<unsigned long long>(a.row_counts[0]);
+    counts[1] = static_cast<unsigned long long>(a.row_counts[1]);
+  } else {
+    const char* error = emu::launch(gpu::count_blocks(a), gpu::kCountThreads, 0,
+                                    [&] { gpu::count_rows_kernel(a, counts); });
+    if (error != nullptr) return error;
+  }
   return gpu::launch_fused(a, limits_of(device), [&](FusedKernel kernel, const LaunchPlan& plan) {
     return emu::launch(plan.blocks, plan.threads, plan.smem_bytes,
                        [&] { kernel(a, counts, plan); }, static_cast<unsigned>(plan.cluster));

@@ -235,7 +235,10 @@ constexpr int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple -
 // group), each row's arithmetic-ensemble member statistics (max, sum), the slots the blocks of a
 // cluster read each other's partial results from, then the optional copy of the row.
 struct SmemLayout {
-  static constexpr int kClusterSlots = 3 + 2 + 2 * kMaxTeachers + 1 + 1;  // st, zt, members, soft, |D|
+  // st (3), zt (2), each member (2), then one float each for the soft sum, max |D| and A.
+  static constexpr int kMemberSlots = 5, kSoftSlot = kMemberSlots + 2 * kMaxTeachers;
+  static constexpr int kDiffSlot = kSoftSlot + 1, kRowSumSlot = kSoftSlot + 2;
+  static constexpr int kClusterSlots = kRowSumSlot + 1;
 
   size_t scratch, member_stats, cluster_slots, row;  // byte offsets
 
@@ -318,8 +321,152 @@ __device__ inline float cluster_sum(float v, float* slot, int cluster) {
   return total;
 }
 
+// A row as the passes after the first see it: where its inputs are (global memory, or this
+// block's shared-memory copy of its span) and the statistics pass 1 found.
+template <typename S, typename Tt>
+struct RowPass {
+  const S* s_row;
+  const S* s_cache;         // the student's span in shared memory, or null
+  const float* diff_cache;  // geometric: D over the span, or null
+  const Tt* t_cache;        // arithmetic: every member's span, or null
+  const float* member_stats;  // arithmetic: (max, sum) per member
+  int64_t row, span_begin, span_len;
+  float inv_t, s_ref, m_s, l_s, log_ls, log_lu, m_z, log_lz, d_const;
+  bool geometric, use_diff;
+};
+
+// Pass 1: online statistics of the student (at 1 and at T) and of the combined teacher, and
+// the shared-memory copy of the row. The geometric teacher is kept as D = sum_m w_m (t_m - s)
+// (see geometric_diff), with the largest finite |D|; an arithmetic member's (max, sum) goes
+// to member_stats. Fills every statistic of `r`.
+template <typename S, typename Tt, int kGroup, int V>
+__device__ void row_statistics(const KDArgs& a, bool soft, int cluster, int64_t first, int64_t step,
+                               int64_t span_end, S* s_cache, float* diff_cache, Tt* t_cache,
+                               float* member_stats, float* scratch, float* slots, RowPass<S, Tt>& r) {
+  const int rank = threadIdx.x % kGroup;
+  const float inv_t = r.inv_t;
+  Online<true> st;
+  Online<false> zt;
+  float diff_max = 0.f;
+  for (int64_t j = first; j < span_end; j += step) {
+    float s[V];
+    load<V>(r.s_row + j, s);
+    if (s_cache) store<V>(s_cache + (j - r.span_begin), s);
+    st.add(s, inv_t);
+    if (soft && r.geometric) {
+      float s_hat[V], diff[V], z[V];
+      student_hat(s, r.s_ref, s_hat);
+      geometric_diff<V, Tt>(a, r.row, j, s_hat, diff);
+      if (diff_cache) store<V>(diff_cache + (j - r.span_begin), diff);
+      KD_UNROLL
+      for (int k = 0; k < V; ++k) {
+        z[k] = (diff[k] + (s_hat[k] - r.s_ref)) * inv_t;
+        if (finite(diff[k])) diff_max = fmaxf(diff_max, fabsf(diff[k]));
+      }
+      zt.add(z, 1.f);
+    }
+  }
+  st = group_merge<kGroup>(st, inv_t, scratch);
+  if (cluster > 1) st = cluster_merge(st, inv_t, slots, cluster);
+  if (soft && r.geometric) {
+    zt = group_merge<kGroup>(zt, 1.f, scratch);
+    diff_max = group_max<kGroup>(diff_max, scratch);
+    if (cluster > 1) {
+      zt = cluster_merge(zt, 1.f, slots + 3, cluster);
+      diff_max = cluster_max(diff_max, slots + SmemLayout::kDiffSlot, cluster);
+    }
+  }
+  if (soft && !r.geometric) {  // one sweep per member: each has its own softmax
+    for (int m = 0; m < a.num_teachers; ++m) {
+      if (a.teacher_weights[m] == 0.0) continue;
+      const Tt* t_row = teacher_row<Tt>(a, m, r.row);
+      Online<false> mt;  // over the raw logits at scale 1/T: relative to the member's max
+      for (int64_t j = first; j < span_end; j += step) {
+        float t[V];
+        load<V>(t_row + j, t);
+        if (t_cache) store<V>(t_cache + m * r.span_len + (j - r.span_begin), t);
+        mt.add(t, inv_t);
+      }
+      mt = group_merge<kGroup>(mt, inv_t, scratch);
+      if (cluster > 1) mt = cluster_merge(mt, inv_t, slots + SmemLayout::kMemberSlots + 2 * m, cluster);
+      if (rank == 0) {
+        member_stats[2 * m] = mt.m;
+        member_stats[2 * m + 1] = mt.l;
+      }
+    }
+    group_sync<kGroup>();
+  }
+  r.m_s = st.m;
+  r.l_s = st.l;
+  r.log_ls = __logf(st.l);
+  r.log_lu = __logf(st.l_u);
+  r.m_z = zt.m;
+  r.log_lz = __logf(zt.l);
+  // Geometric: log p - log q = D / T + d_const. Near the teachers (every |D| / T small) that
+  // form keeps d's digits; far from them, where it would cancel, the log-softmaxes are
+  // subtracted instead (kdkernels/reference.py, _geometric_log_ratio).
+  r.d_const = (r.m_s - r.s_ref) * inv_t - r.m_z - r.log_lz + r.log_lu;
+  r.use_diff = diff_max * inv_t <= 64.f;
+}
+
+// The V classes from j as the soft term sees them: the student s, log q, and (soft rows) p,
+// log p and d = log p - log q, from the shared-memory copy when there is one.
+template <int V, typename S, typename Tt>
+__device__ __forceinline__ void soft_inputs(const KDArgs& a, const RowPass<S, Tt>& r, bool soft, int64_t j,
+                                            float (&s)[V], float (&log_q)[V], float (&p)[V],
+                                            float (&log_p)[V], float (&d)[V]) {
+  const int64_t o = j - r.span_begin;  // position in the row copy
+  load<V>(r.s_cache ? r.s_cache + o : r.s_row + j, s);
+  KD_UNROLL
+  for (int k = 0; k < V; ++k) log_q[k] = (s[k] - r.m_s) * r.inv_t - r.log_lu;  // relative to the max
+  if (soft && r.geometric) {
+    float s_hat[V], diff[V];
+    student_hat(s, r.s_ref, s_hat);
+    if (r.diff_cache) {
+      load<V>(r.diff_cache + o, diff);
+    } else {
+      geometric_diff<V, Tt>(a, r.row, j, s_hat, diff);
+    }
+    KD_UNROLL
+    for (int k = 0; k < V; ++k) {
+      log_p[k] = (diff[k] + (s_hat[k] - r.s_ref)) * r.inv_t - r.m_z - r.log_lz;
+      p[k] = __expf(log_p[k]);
+      d[k] = r.use_diff && finite(s[k]) ? diff[k] * r.inv_t + r.d_const : log_p[k] - log_q[k];
+    }
+  } else if (soft) {
+    KD_UNROLL
+    for (int k = 0; k < V; ++k) p[k] = 0.f;
+    for (int m = 0; m < a.num_teachers; ++m) {
+      const float w = static_cast<float>(a.teacher_weights[m]);
+      if (w == 0.f) continue;
+      const float scale = w / r.member_stats[2 * m + 1], max_m = r.member_stats[2 * m];
+      float t[V];
+      load<V>(r.t_cache ? r.t_cache + m * r.span_len + o : teacher_row<Tt>(a, m, r.row) + j, t);
+      KD_UNROLL
+      for (int k = 0; k < V; ++k) p[k] += scale * __expf((t[k] - max_m) * r.inv_t);
+    }
+    KD_UNROLL
+    for (int k = 0; k < V; ++k) {
+      log_p[k] = __logf(p[k]);
+      d[k] = log_p[k] - log_q[k];
+    }
+  }
+}
+
+// One class's share of the divergence (kd_row_math.h, the divergence axis).
+__device__ __forceinline__ SoftElement<float> soft_element(const KDArgs& a, float p, float log_p, float d,
+                                                            float q, float log_q) {
+  const float beta = static_cast<float>(a.beta);
+  return visit_divergence(divergence_of(a), [&](auto divergence) {
+    return decltype(divergence)::element(p, log_p, d, q, log_q, beta);
+  });
+}
+
 // One row per group of kGroup threads (a warp, or the whole block), or, with plan.cluster > 1,
 // one row per cluster of blocks, each block owning a contiguous span of it. V classes per access.
+// Pass 1 (row_statistics) reads the row; pass 2 sums the soft term and, for KL and CE, writes
+// the gradient; a divergence whose gradient needs a row sum (reverse KL, JSD) writes it in a
+// pass 3, once the sum is known.
 template <typename S, typename Tt, int kThreads, int kGroup, int V>
 __global__ void __launch_bounds__(kThreads)
     kd_fwd_kernel(KDArgs a, const unsigned long long* counts, LaunchPlan plan) {
@@ -355,148 +502,80 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   const TermScales scales = term_scales(a, static_cast<int64_t>(counts[0]), static_cast<int64_t>(counts[1]));
-  const S* s_row = static_cast<const S*>(a.student) + row * a.student_row_stride;
-  const float inv_t = 1.f / static_cast<float>(a.temperature);
-  const bool geometric = combines_logits(a);
   const int64_t first = span.begin + int64_t(rank) * V, step = int64_t(kGroup) * V;
-  const float s_first = to_f(s_row[0]);
-  const float s_ref = finite(s_first) ? s_first : 0.f;
 
   // The row copy holds this block's span: class j is at j - span.begin.
-  const int64_t span_len = span.end - span.begin;
+  RowPass<S, Tt> r{};
+  r.row = row;
+  r.s_row = static_cast<const S*>(a.student) + row * a.student_row_stride;
+  r.span_begin = span.begin;
+  r.span_len = span.end - span.begin;
+  r.inv_t = 1.f / static_cast<float>(a.temperature);
+  r.geometric = combines_logits(a);
+  r.member_stats = member_stats;
+  const float s_first = to_f(r.s_row[0]);
+  r.s_ref = finite(s_first) ? s_first : 0.f;
   unsigned char* copy = smem + kLayout.row;
   S* s_cache = plan.cache_row ? reinterpret_cast<S*>(copy) : nullptr;
-  unsigned char* teacher_copy = copy + align16(span_len * sizeof(S));
-  float* diff_cache = plan.cache_row && geometric ? reinterpret_cast<float*>(teacher_copy) : nullptr;
-  Tt* t_cache = plan.cache_row && !geometric ? reinterpret_cast<Tt*>(teacher_copy) : nullptr;
+  unsigned char* teacher_copy = copy + align16(r.span_len * sizeof(S));
+  float* diff_cache = plan.cache_row && r.geometric ? reinterpret_cast<float*>(teacher_copy) : nullptr;
+  Tt* t_cache = plan.cache_row && !r.geometric ? reinterpret_cast<Tt*>(teacher_copy) : nullptr;
+  row_statistics<S, Tt, kGroup, V>(a, role.soft, cluster, first, step, span.end, s_cache, diff_cache, t_cache,
+                                   member_stats, scratch, slots, r);
+  r.s_cache = s_cache;
+  r.diff_cache = diff_cache;
+  r.t_cache = t_cache;
 
-  // Pass 1: online statistics (and the shared-memory copy of the row). The geometric teacher
-  // is kept as D = sum_m w_m (t_m - s) (see geometric_diff), with the largest finite |D|.
-  Online<true> st;
-  Online<false> zt;
-  float diff_max = 0.f;
-  for (int64_t j = first; j < span.end; j += step) {
-    float s[V];
-    load<V>(s_row + j, s);
-    if (s_cache) store<V>(s_cache + (j - span.begin), s);
-    st.add(s, inv_t);
-    if (role.soft && geometric) {
-      float s_hat[V], diff[V], z[V];
-      student_hat(s, s_ref, s_hat);
-      geometric_diff<V, Tt>(a, row, j, s_hat, diff);
-      if (diff_cache) store<V>(diff_cache + (j - span.begin), diff);
-      KD_UNROLL
-      for (int k = 0; k < V; ++k) {
-        z[k] = (diff[k] + (s_hat[k] - s_ref)) * inv_t;
-        if (finite(diff[k])) diff_max = fmaxf(diff_max, fabsf(diff[k]));
-      }
-      zt.add(z, 1.f);
-    }
-  }
-  st = group_merge<kGroup>(st, inv_t, scratch);
-  if (cluster > 1) st = cluster_merge(st, inv_t, slots, cluster);
-  if (role.soft && geometric) {
-    zt = group_merge<kGroup>(zt, 1.f, scratch);
-    diff_max = group_max<kGroup>(diff_max, scratch);
-    if (cluster > 1) {
-      zt = cluster_merge(zt, 1.f, slots + 3, cluster);
-      diff_max = cluster_max(diff_max, slots + SmemLayout::kClusterSlots - 2, cluster);
-    }
-  }
-  if (role.soft && !geometric) {  // one sweep per member: each has its own softmax
-    for (int m = 0; m < a.num_teachers; ++m) {
-      if (a.teacher_weights[m] == 0.0) continue;
-      const Tt* t_row = teacher_row<Tt>(a, m, row);
-      Online<false> mt;  // over the raw logits at scale 1/T: relative to the member's max
-      for (int64_t j = first; j < span.end; j += step) {
-        float t[V];
-        load<V>(t_row + j, t);
-        if (t_cache) store<V>(t_cache + m * span_len + (j - span.begin), t);
-        mt.add(t, inv_t);
-      }
-      mt = group_merge<kGroup>(mt, inv_t, scratch);
-      if (cluster > 1) mt = cluster_merge(mt, inv_t, slots + 5 + 2 * m, cluster);
-      if (rank == 0) {
-        member_stats[2 * m] = mt.m;
-        member_stats[2 * m + 1] = mt.l;
-      }
-    }
-    group_sync<kGroup>();
-  }
-
-  // Pass 2: the soft term and the gradient, from the shared-memory copy when there is one.
-  const float m_s = st.m, log_ls = __logf(st.l), log_lu = __logf(st.l_u);
-  const float m_z = zt.m, log_lz = __logf(zt.l);
-  // Geometric: log p - log q = D / T + d_const. Near the teachers (every |D| / T small) that
-  // form keeps d's digits; far from them, where it would cancel, the log-softmaxes are
-  // subtracted instead (kdkernels/reference.py, _geometric_log_ratio).
-  const float d_const = (m_s - s_ref) * inv_t - m_z - log_lz + log_lu;
-  const bool use_diff = diff_max * inv_t <= 64.f;
+  // Pass 2: the soft term (and its row sum A), and the gradient unless it needs A.
+  const bool row_sum = visit_divergence(divergence_of(a), [](auto divergence) {
+    return decltype(divergence)::row_sum_gradient;
+  });
   const float cs = role.soft ? static_cast<float>(scales.soft_grad) : 0.f;
   const float ch = role.hard ? static_cast<float>(scales.hard_grad) : 0.f;
-  float soft_sum = 0.f;
+  auto hard_part = [&](float s, int64_t j) {
+    return role.hard ? ch * (__expf(s - r.m_s - r.log_ls) - (j == label ? 1.f : 0.f)) : 0.f;
+  };
+  float soft_sum = 0.f, qa_sum = 0.f;
   for (int64_t j = first; j < span.end; j += step) {
-    const int64_t o = j - span.begin;  // position in the row copy
-    float s[V], p[V], log_p[V], d[V], log_q[V];
-    load<V>(s_cache ? s_cache + o : s_row + j, s);
-    KD_UNROLL
-    for (int k = 0; k < V; ++k) log_q[k] = (s[k] - m_s) * inv_t - log_lu;  // relative to the max
-    if (role.soft && geometric) {
-      float s_hat[V], diff[V];
-      student_hat(s, s_ref, s_hat);
-      if (diff_cache) {
-        load<V>(diff_cache + o, diff);
-      } else {
-        geometric_diff<V, Tt>(a, row, j, s_hat, diff);
-      }
-      KD_UNROLL
-      for (int k = 0; k < V; ++k) {
-        log_p[k] = (diff[k] + (s_hat[k] - s_ref)) * inv_t - m_z - log_lz;
-        p[k] = __expf(log_p[k]);
-        d[k] = use_diff && finite(s[k]) ? diff[k] * inv_t + d_const : log_p[k] - log_q[k];
-      }
-    } else if (role.soft) {
-      KD_UNROLL
-      for (int k = 0; k < V; ++k) p[k] = 0.f;
-      for (int m = 0; m < a.num_teachers; ++m) {
-        const float w = static_cast<float>(a.teacher_weights[m]);
-        if (w == 0.f) continue;
-        const float scale = w / member_stats[2 * m + 1], max_m = member_stats[2 * m];
-        float t[V];
-        load<V>(t_cache ? t_cache + m * span_len + o : teacher_row<Tt>(a, m, row) + j, t);
-        KD_UNROLL
-        for (int k = 0; k < V; ++k) p[k] += scale * __expf((t[k] - max_m) * inv_t);
-      }
-      KD_UNROLL
-      for (int k = 0; k < V; ++k) {
-        log_p[k] = __logf(p[k]);
-        d[k] = log_p[k] - log_q[k];
-      }
-    }
-    float g[V];
+    float s[V], log_q[V], p[V], log_p[V], d[V], g[V];
+    soft_inputs<V>(a, r, role.soft, j, s, log_q, p, log_p, d);
     KD_UNROLL
     for (int k = 0; k < V; ++k) {
-      g[k] = 0.f;
+      g[k] = hard_part(s[k], j + k);
       if (role.soft) {
         const float q = __expf(log_q[k]);
-        soft_sum += visit_divergence(a.soft_loss, [&](auto divergence) {
-          return decltype(divergence)::term(p[k], log_p[k], d[k], q, log_q[k]);
-        });
-        g[k] = cs * (q - p[k]);
+        const SoftElement<float> e = soft_element(a, p[k], log_p[k], d[k], q, log_q[k]);
+        soft_sum += e.term;
+        qa_sum += e.qa;
+        g[k] += cs * (q - p[k]);
       }
-      if (role.hard) g[k] += ch * (__expf(s[k] - m_s - log_ls) - (j + k == label ? 1.f : 0.f));
     }
-    if (grad) store<V>(grad + j, g);
+    if (grad && !(row_sum && role.soft)) store<V>(grad + j, g);
   }
   soft_sum = group_sum<kGroup>(soft_sum, scratch);
-  if (cluster > 1) {
-    soft_sum = cluster_sum(soft_sum, slots + SmemLayout::kClusterSlots - 1, cluster);
-    cluster_sync();  // no block leaves while another may still read its slots
+  if (cluster > 1) soft_sum = cluster_sum(soft_sum, slots + SmemLayout::kSoftSlot, cluster);
+
+  // Pass 3 (reverse KL, JSD): g = cs q (a - A) + the hard term's gradient.
+  if (grad && row_sum && role.soft) {
+    qa_sum = group_sum<kGroup>(qa_sum, scratch);
+    if (cluster > 1) qa_sum = cluster_sum(qa_sum, slots + SmemLayout::kRowSumSlot, cluster);
+    for (int64_t j = first; j < span.end; j += step) {
+      float s[V], log_q[V], p[V], log_p[V], d[V], g[V];
+      soft_inputs<V>(a, r, true, j, s, log_q, p, log_p, d);
+      KD_UNROLL
+      for (int k = 0; k < V; ++k) {
+        const float q = __expf(log_q[k]);
+        const SoftElement<float> e = soft_element(a, p[k], log_p[k], d[k], q, log_q[k]);
+        g[k] = hard_part(s[k], j + k) + weighted_or_zero(cs * q, e.a - qa_sum);
+      }
+      store<V>(grad + j, g);
+    }
   }
+  if (cluster > 1) cluster_sync();  // no block leaves while another may still read its slots
   if (leader) {
     float v = 0.f;
     if (role.soft) v += static_cast<float>(scales.soft_loss) * soft_sum;
-    if (role.hard) v += static_cast<float>(scales.hard_loss) * hard_term(m_s, st.l, to_f(s_row[label]));
+    if (role.hard) v += static_cast<float>(scales.hard_loss) * hard_term(r.m_s, r.l_s, to_f(r.s_row[label]));
     *loss = v;
   }
 }

@@ -52,7 +52,7 @@ KD_HOST_DEVICE bool combines_logits(const KDArgs& a) {
 }
 
 // Loss multipliers of the two terms for one row, and the matching gradient multipliers:
-// d(soft_i)/d(s_ij) = (q_ij - p_ij) / T and d(hard_i)/d(s_ij) = r_ij - [j == y_i].
+// d(soft_i)/d(s_ij) = (soft gradient of the divergence)_j / T and d(hard_i)/d(s_ij) = r_ij - [j == y_i].
 struct TermScales {
   double soft_loss, hard_loss, soft_grad, hard_grad;
 };
@@ -61,9 +61,9 @@ KD_HOST_DEVICE TermScales term_scales(const KDArgs& a, int64_t soft_rows, int64_
   const double t = a.temperature;
   double soft = a.soft_weight * (a.scale_soft_by_t2 ? t * t : 1.0);
   double hard = a.hard_weight;
-  if (a.reduction == Reduction::kMean) {
-    soft /= static_cast<double>(soft_rows > 1 ? soft_rows : 1);
-    hard /= static_cast<double>(hard_rows > 1 ? hard_rows : 1);
+  if (a.reduction == Reduction::kMean) {  // a count of 0 (no rows, or num_items_in_batch = 0): 0
+    soft = soft_rows > 0 ? soft / static_cast<double>(soft_rows) : 0.0;
+    hard = hard_rows > 0 ? hard / static_cast<double>(hard_rows) : 0.0;
   }
   return {soft, hard, soft / t, hard};
 }
@@ -141,15 +141,26 @@ KD_HOST_DEVICE Acc kl_term(Acc p, Acc log_p, Acc d, Acc q) {
 }
 
 // The divergence axis: one small struct per soft_loss with everything a kernel needs of it.
-//   fast_element(e, dz, du): a class's share of the running sum A of the one-pass form, from
-//     e = exp(dz) with dz = z - m_z (teacher) and du = u - m_u (student at T);
-//   fast_close(A, l_z, l_u): the soft term from that sum and the two softmax normalisers;
-//   may_cancel: whether fast_close can lose its digits (then the kernels use `term` instead);
-//   term(p, log_p, d, q, log_q): a class's share computed from both distributions
-//     (d = log p - log q), each share >= 0 where the divergence is a sum of such.
+//   element(p, log_p, d, q, log_q, beta): one class's share of the divergence (`term`, each
+//     share >= 0 and the shares summing to the divergence), from both distributions with
+//     d = log p - log q computed where it keeps its digits; and, for the divergences whose
+//     gradient needs a row sum, `a` and `qa` (below);
+//   row_sum_gradient: false: the gradient with respect to u = s / T is q - p (KL, CE);
+//     true: it is q_j (a_j - A) with A = sum_k qa_k, so the kernels sum qa over the row before
+//     they write the gradient (a is dD/dq_j up to a constant, qa = q_j a_j in a form that keeps
+//     its digits);
+//   fast_element(e, dz, du) and fast_close(A, l_z, l_u) (KL, CE only): the one-pass form of
+//     the CPU kernel, a running sum A of exponentials and the soft term from it; may_cancel:
+//     whether fast_close can lose its digits (then the CPU kernel sums `term` instead).
 // A new divergence is one more struct here, one more case in visit_divergence, its code in
-// kd_args.h, and the same three pieces in the Triton kernel and the reference.
+// kd_args.h, and the same pieces in the Triton kernel (_soft_element) and the reference.
+template <typename Acc>
+struct SoftElement {
+  Acc term, a, qa;
+};
+
 struct KLDivergence {  // KL(p || q) = sum_j p_j (log p_j - log q_j)
+  static constexpr bool row_sum_gradient = false;
   static constexpr bool may_cancel = true;
   template <typename Acc>
   KD_HOST_DEVICE static Acc fast_element(Acc e, Acc dz, Acc du) {
@@ -161,12 +172,14 @@ struct KLDivergence {  // KL(p || q) = sum_j p_j (log p_j - log q_j)
     return sum / l_z - log(l_z) + log(l_u);
   }
   template <typename Acc>
-  KD_HOST_DEVICE static Acc term(Acc p, Acc log_p, Acc d, Acc q, Acc /*log_q*/) {
-    return kl_term(p, log_p, d, q);
+  KD_HOST_DEVICE static SoftElement<Acc> element(Acc p, Acc log_p, Acc d, Acc q, Acc /*log_q*/,
+                                                 Acc /*beta*/) {
+    return {kl_term(p, log_p, d, q), Acc(0), Acc(0)};
   }
 };
 
 struct CrossEntropy {  // H(p, q) = -sum_j p_j log q_j: KL plus the teachers' entropy
+  static constexpr bool row_sum_gradient = false;
   static constexpr bool may_cancel = false;
   template <typename Acc>
   KD_HOST_DEVICE static Acc fast_element(Acc e, Acc /*dz*/, Acc du) {
@@ -178,15 +191,66 @@ struct CrossEntropy {  // H(p, q) = -sum_j p_j log q_j: KL plus the teachers' en
     return -sum / l_z + log(l_u);
   }
   template <typename Acc>
-  KD_HOST_DEVICE static Acc term(Acc p, Acc /*log_p*/, Acc /*d*/, Acc /*q*/, Acc log_q) {
-    return weighted_or_zero(p, -log_q);
+  KD_HOST_DEVICE static SoftElement<Acc> element(Acc p, Acc /*log_p*/, Acc /*d*/, Acc /*q*/,
+                                                 Acc log_q, Acc /*beta*/) {
+    return {weighted_or_zero(p, -log_q), Acc(0), Acc(0)};
   }
 };
+
+// KL(q || p) = sum_j q_j (log q_j - log p_j): the KL's terms with the roles of p and q swapped
+// (kl_term(q, log q, -d, p) >= 0). +inf where p_j = 0 < q_j; 0 where both are 0. Its gradient
+// is q_j (log q_j - log p_j - KL(q || p)): a = -d, and the row sum A is the divergence itself.
+struct ReverseKL {
+  static constexpr bool row_sum_gradient = true;
+  template <typename Acc>
+  KD_HOST_DEVICE static SoftElement<Acc> element(Acc p, Acc /*log_p*/, Acc d, Acc q, Acc log_q,
+                                                 Acc /*beta*/) {
+    const Acc term = kl_term(q, log_q, -d, p);
+    return {term, -d, term};
+  }
+};
+
+// Generalised Jensen-Shannon divergence with TRL's convention (GKDTrainer.generalized_jsd_loss):
+// beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; the kernels take beta in
+// (0, 1) here (divergence_of sends 0 and 1 to KL and reverse KL). e = log q - log m and
+// f = log p - log m come from d through expm1/log1p of a non-positive argument (no overflow, no
+// cancellation near p = q); each KL is summed as kl_term's non-negative terms. The gradient
+// with respect to u is q_j (a_j - A) with a = (1 - beta) e and A = (1 - beta) KL(q || m).
+struct JensenShannon {
+  static constexpr bool row_sum_gradient = true;
+  template <typename Acc>
+  KD_HOST_DEVICE static SoftElement<Acc> element(Acc p, Acc log_p, Acc d, Acc q, Acc log_q,
+                                                 Acc beta) {
+    using std::expm1;
+    using std::log1p;
+    const bool p_smaller = d <= Acc(0);  // NaN d (p = q = 0) takes the other form: NaN, unused
+    const Acc x = p_smaller ? d : -d;    // <= 0 (or NaN)
+    const Acc l = -log1p((p_smaller ? beta : Acc(1) - beta) * expm1(x));
+    const Acc e = p_smaller ? l : l - d;  // log q - log m
+    const Acc f = p_smaller ? d + l : l;  // log p - log m
+    const Acc m = beta * p + (Acc(1) - beta) * q;
+    const Acc kl_qm = kl_term(q, log_q, e, m);
+    const Acc term = beta * kl_term(p, log_p, f, m) + (Acc(1) - beta) * kl_qm;
+    return {term, (Acc(1) - beta) * e, (Acc(1) - beta) * kl_qm};
+  }
+};
+
+// The divergence a kernel computes: jsd at beta 0 and 1 is TRL's KL(p || q) and KL(q || p).
+KD_HOST_DEVICE SoftLoss divergence_of(const KDArgs& a) {
+  if (a.soft_loss == SoftLoss::kJSD && a.beta == 0.0) return SoftLoss::kKL;
+  if (a.soft_loss == SoftLoss::kJSD && a.beta == 1.0) return SoftLoss::kReverseKL;
+  return a.soft_loss;
+}
 
 // Calls f(Divergence{}) for the divergence `code` names.
 template <typename F>
 KD_HOST_DEVICE auto visit_divergence(SoftLoss code, F&& f) {
-  if (code == SoftLoss::kCrossEntropy) return f(CrossEntropy{});
+  switch (code) {
+    case SoftLoss::kCrossEntropy: return f(CrossEntropy{});
+    case SoftLoss::kReverseKL: return f(ReverseKL{});
+    case SoftLoss::kJSD: return f(JensenShannon{});
+    case SoftLoss::kKL: break;
+  }
   return f(KLDivergence{});
 }
 

@@ -56,12 +56,12 @@ def _backward(ctx, grad_row_loss: Tensor | None, _unused: Tensor | None):
     (grad,) = ctx.saved_tensors
     no_grads = ctx.teacher_grads
     if grad_row_loss is None:  # the loss itself received no gradient
-        return (None, no_grads) + (None,) * (2 + len(OpOptions._fields))
+        return (None, no_grads) + (None,) * (3 + len(OpOptions._fields))
     scale = grad_row_loss.unsqueeze(1)
     if type(grad) is not torch.Tensor or torch.compiler.is_compiling() or _repeat_backward:
         # Traced (torch.compile, AOT): the functional form; the compiler plans the buffers.
         # Under allow_repeated_backward() too, which keeps the saved gradient intact.
-        return (grad * scale, no_grads) + (None,) * (2 + len(OpOptions._fields))
+        return (grad * scale, no_grads) + (None,) * (3 + len(OpOptions._fields))
     # Eager: the saved gradient is ours alone, so scale it in place (no new [N, C] buffer), or
     # not at all for loss.backward() on a CPU mean/sum. Either way its version moves on, so a
     # second backward through this graph (retain_graph=True) raises instead of being wrong.
@@ -69,7 +69,7 @@ def _backward(ctx, grad_row_loss: Tensor | None, _unused: Tensor | None):
         torch.autograd.graph.increment_version(grad)
     else:
         grad.mul_(scale)
-    return (grad, no_grads) + (None,) * (2 + len(OpOptions._fields))
+    return (grad, no_grads) + (None,) * (3 + len(OpOptions._fields))
 
 
 _registered: set[int] = set()

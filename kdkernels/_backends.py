@@ -66,6 +66,7 @@ def _reference_loss(problem: Problem) -> Tensor:
         problem.teachers,
         problem.labels,
         teacher_weights=problem.weights,
+        num_items_in_batch=problem.num_items,
         **o.as_dict(),
     )
     return loss.reshape(problem.lead_shape if o.reduction == "none" else ())

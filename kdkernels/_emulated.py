@@ -58,7 +58,12 @@ def missing() -> str | None:
 
 @fused_op_signature
 def _fused_kd_emulated_impl(
-    student: Tensor, teachers: list[Tensor], labels: Tensor | None, weights, *options
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    num_items: Tensor | None,
+    weights,
+    *options,
 ) -> tuple[Tensor, Tensor]:
     """The CUDA kernel on the emulator: per-row losses [N] and, if compute_grad, the gradient."""
     ext, why = load_extension()
@@ -67,7 +72,9 @@ def _fused_kd_emulated_impl(
     if student.device.type != "cpu":
         raise ValueError(f"the CUDA emulator runs on CPU tensors, not {student.device}")
     o = OpOptions(*options)
-    keywords, row_loss, grad = kernel_arguments(ext, student, teachers, labels, weights, o)
+    keywords, row_loss, grad = kernel_arguments(
+        ext, student, teachers, labels, num_items, weights, o
+    )
     args = _emulator.make_args(**keywords)
     if _plans is not None:
         _plans.append(_emulator.launch_plan(args, _device))

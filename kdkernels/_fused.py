@@ -14,18 +14,25 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._validate import Options, Problem
+from ._validate import DEFAULT_BETA, Options, Problem
 
 # Every fused op takes (student, teachers, labels, teacher weights) and these options: the loss
 # options of Options, defined once, and whether to compute the gradient. The op schema is built
 # from them, so an option added to Options reaches every backend's op.
 _OP_OPTIONS = [(f.name, f.type) for f in fields(Options)] + [("compute_grad", "bool")]
 OpOptions = NamedTuple("OpOptions", _OP_OPTIONS)
-_PYTHON_TYPES = {"float": float, "str": str, "bool": bool, "int": int, "int | None": int | None}
+_PYTHON_TYPES = {
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "int": int,
+    "int | None": int | None,
+    "float | None": float | None,
+}
 
 
 def fused_op_signature(impl: Callable) -> Callable:
-    """Give a fused op's implementation, written as impl(student, teachers, labels,
+    """Give a fused op's implementation, written as impl(student, teachers, labels, num_items,
     teacher_weights, *options), the typed signature torch.library infers the op schema from:
     the options are OpOptions', so every backend's op has one schema, built from Options."""
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -33,6 +40,7 @@ def fused_op_signature(impl: Callable) -> Callable:
         ("student", Tensor),
         ("teachers", list[Tensor]),
         ("labels", Tensor | None),
+        ("num_items", Tensor | None),
         ("teacher_weights", list[float]),
     ]
     options = [(name, _PYTHON_TYPES[t]) for name, t in _OP_OPTIONS]
@@ -55,6 +63,7 @@ def check_op_inputs(
     student: Tensor,
     teachers: list[Tensor],
     labels: Tensor | None,
+    num_items: Tensor | None,
     num_weights: int,
     *,
     same_dtype: bool = True,
@@ -82,15 +91,28 @@ def check_op_inputs(
         or labels.device != student.device
     ):
         raise ValueError("labels must be a contiguous int64 [N] tensor on the student's device")
+    if num_items is not None and (
+        num_items.dtype != torch.int64
+        or num_items.shape != (2,)
+        or num_items.stride(0) != 1
+        or num_items.device != student.device
+    ):
+        raise ValueError("num_items must be a contiguous int64 [2] tensor on the student's device")
 
 
 def kernel_arguments(
-    ext, student: Tensor, teachers: list[Tensor], labels: Tensor | None, weights, o: OpOptions
+    ext,
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    num_items: Tensor | None,
+    weights,
+    o: OpOptions,
 ) -> tuple[dict, Tensor, Tensor]:
     """The keywords of `make_args` for one call of a fused C++ op (the enum codes by name from
     the extension `ext`), and the outputs they point into: per-row losses [N] and, if
     compute_grad, the gradient [N, C] (else an empty tensor)."""
-    check_op_inputs(student, teachers, labels, len(weights))
+    check_op_inputs(student, teachers, labels, num_items, len(weights))
     n, c = student.shape
     row_loss = student.new_empty((n,), dtype=_loss_dtype(student))
     grad = student.new_empty((n, c) if o.compute_grad else (0,))
@@ -113,7 +135,9 @@ def kernel_arguments(
         scale_soft_by_t2=o.scale_soft_by_t2,
         ensemble=ext.ENSEMBLE_CODES[o.ensemble],
         soft_loss=ext.SOFT_LOSS_CODES[o.soft_loss],
+        beta=DEFAULT_BETA if o.beta is None else o.beta,
         reduction=ext.REDUCTION_CODES[o.reduction],
+        row_counts=0 if num_items is None else num_items.data_ptr(),
         row_loss=row_loss.data_ptr(),
         grad=grad.data_ptr() if o.compute_grad else 0,
         num_threads=torch.get_num_threads(),
@@ -121,7 +145,9 @@ def kernel_arguments(
     return arguments, row_loss, grad
 
 
-def fused_fake(student: Tensor, teachers, labels, teacher_weights, *options_and_compute_grad):
+def fused_fake(
+    student: Tensor, teachers, labels, num_items, teacher_weights, *options_and_compute_grad
+):
     """The fake (meta) implementation of every fused op: the output shapes and dtypes."""
     compute_grad = options_and_compute_grad[-1]
     n, c = student.shape
@@ -146,4 +172,4 @@ def op_arguments(problem: Problem, student: Tensor, teachers, weights) -> tuple:
     """The positional arguments of a fused op (this one or another backend's) for a problem."""
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     options = OpOptions(**problem.options.as_dict(), compute_grad=compute_grad)
-    return (student, teachers, problem.labels, weights, *options)
+    return (student, teachers, problem.labels, problem.num_items, weights, *options)

@@ -22,7 +22,12 @@ from ._validate import Problem
 
 @fused_op_signature
 def _fused_kd_impl(
-    student: Tensor, teachers: list[Tensor], labels: Tensor | None, weights, *options
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    num_items: Tensor | None,
+    weights,
+    *options,
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses [N] and, if compute_grad, d(sum of them)/d(student) [N, C] (else empty)."""
     ext, why = load_extension()
@@ -31,7 +36,9 @@ def _fused_kd_impl(
     if student.device.type not in ("cpu", "cuda"):
         raise ValueError(f"kdkernels::fused_kd serves CPU and CUDA tensors, not {student.device}")
     o = OpOptions(*options)
-    keywords, row_loss, grad = kernel_arguments(ext, student, teachers, labels, weights, o)
+    keywords, row_loss, grad = kernel_arguments(
+        ext, student, teachers, labels, num_items, weights, o
+    )
     args = ext.make_args(**keywords)
     if student.device.type == "cuda":
         # Two int64 of device memory for the valid-row counts; the kernel never syncs the host.

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._autograd import register_fused_op, run_fused
 from ._fused import OpOptions, check_op_inputs, fused_op_signature
-from ._validate import Problem
+from ._validate import DEFAULT_BETA, Problem, divergence_of
 
 try:
     import triton
@@ -72,14 +72,50 @@ if triton is not None:
         return tl.where(p == 0.0, q, term)
 
     @triton.jit
-    def _soft_term(p, log_p, d, q, log_q, KL: tl.constexpr):
-        """A class's share of the soft term: the divergence axis of the Triton kernel (the
-        C++ and CUDA kernels' KLDivergence / CrossEntropy in csrc/kd_row_math.h)."""
-        if KL:
+    def _log1p_neg(x):
+        """log(1 + x) for x in [-1, 0] without cancelling near 0 (Triton has no log1p):
+        log(u) * x / (u - 1) with u = 1 + x, exact where u rounds to 1 (Goldberg's trick)."""
+        u = 1.0 + x
+        return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+    @triton.jit
+    def _expm1_neg(x):
+        """exp(x) - 1 for x <= 0 without cancelling near 0: a Taylor series for |x| < 1/4."""
+        c5 = 1.0 / 120.0 + x * (1.0 / 720.0)
+        series = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * c5))))
+        return tl.where(x > -0.25, series, tl.exp(x) - 1.0)
+
+    @triton.jit
+    def _soft_element(p, log_p, d, q, log_q, beta, SOFT_LOSS: tl.constexpr):
+        """(term, a, qa): a class's share of the soft term and, for the divergences whose
+        gradient needs a row sum, a and q a: the divergence axis of the Triton kernel
+        (csrc/kd_row_math.h: KLDivergence, CrossEntropy, ReverseKL, JensenShannon; codes as
+        in kd_args.h, jsd at beta 0 and 1 already sent to 0 and 2)."""
+        zero = tl.zeros_like(p)
+        if SOFT_LOSS == 0:  # KL(p || q)
             term = _kl_term(p, log_p, d, q)
-        else:
+            a = zero
+            qa = zero
+        elif SOFT_LOSS == 1:  # H(p, q)
             term = tl.where(p == 0.0, 0.0, -p * log_q)  # 0 log 0 = 0, NaN kept
-        return term
+            a = zero
+            qa = zero
+        elif SOFT_LOSS == 2:  # KL(q || p): the KL's terms with p and q swapped
+            term = _kl_term(q, log_q, -d, p)
+            a = -d
+            qa = term
+        else:  # beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+            p_smaller = d <= 0.0
+            x = tl.where(p_smaller, d, -d)
+            l_ = -_log1p_neg(tl.where(p_smaller, beta, 1.0 - beta) * _expm1_neg(x))
+            e = tl.where(p_smaller, l_, l_ - d)  # log q - log m
+            f = tl.where(p_smaller, d + l_, l_)  # log p - log m
+            m = beta * p + (1.0 - beta) * q
+            kl_qm = _kl_term(q, log_q, e, m)
+            term = beta * _kl_term(p, log_p, f, m) + (1.0 - beta) * kl_qm
+            a = (1.0 - beta) * e
+            qa = (1.0 - beta) * kl_qm
+        return term, a, qa
 
     @triton.jit
     def _teacher_minus_student(
@@ -100,6 +136,60 @@ if triton is not None:
             t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
             diff += weights[m] * (t - s)
         return diff
+
+    @triton.jit
+    def _soft_inputs(
+        S,
+        teachers,
+        strides,
+        weights,
+        row,
+        cols,
+        mask,
+        inv_t,
+        m_s,
+        log_lu,
+        m_z,
+        log_lz,
+        s_ref,
+        d_const,
+        use_diff,
+        member_max,
+        member_sum,
+        M: tl.constexpr,
+        ARITHMETIC: tl.constexpr,
+    ):
+        """One block of a row as the soft term sees it: (s, log q, p, log p, d) with
+        d = log p - log q formed where it keeps its digits (geometric: D / T + d_const)."""
+        neg_inf = float("-inf")
+        s = tl.load(S + cols, mask=mask, other=neg_inf).to(tl.float32)
+        log_q = (s - m_s) * inv_t - log_lu
+        if ARITHMETIC:
+            lane = tl.arange(0, _SLOTS)
+            p = tl.zeros(cols.shape, tl.float32)
+            for m in tl.static_range(M):
+                t_row = teachers[m] + row * strides[m]
+                t = tl.load(t_row + cols, mask=mask, other=neg_inf).to(tl.float32)
+                mt = tl.max(tl.where(lane == m, member_max, neg_inf), 0)
+                lt = tl.sum(tl.where(lane == m, member_sum, 0.0), 0)
+                p += (weights[m] / lt) * tl.exp((t - mt) * inv_t)
+            log_p = tl.log(p)
+            d = log_p - log_q
+        else:
+            finite = (s > neg_inf) & (s < float("inf"))
+            s_hat = tl.where(finite, s, s_ref)
+            diff = _teacher_minus_student(teachers, strides, weights, row, cols, mask, s_hat, M)
+            log_p = (diff + (s_hat - s_ref)) * inv_t - m_z - log_lz
+            p = tl.exp(log_p)
+            d = tl.where(finite, diff * inv_t + d_const, log_p - log_q)
+            d = tl.where(use_diff, d, log_p - log_q)
+        return s, log_q, p, log_p, d
+
+    @triton.jit
+    def _hard_grad(s, m_s, log_ls, cols, y, in_hard, hard_coef):
+        """The hard term's gradient over one block: hard_coef (r - onehot(y))."""
+        r = tl.exp(s - m_s - log_ls)
+        return tl.where(in_hard, hard_coef * (r - tl.where(cols == y, 1.0, 0.0)), 0.0)
 
     @triton.jit
     def _kd_fwd_kernel(
@@ -139,11 +229,13 @@ if triton is not None:
         hard_scale,
         ignore_index,
         unlabeled_index,
+        beta,
         M: tl.constexpr,
         HAS_LABELS: tl.constexpr,
         HAS_UNLABELED: tl.constexpr,
         ARITHMETIC: tl.constexpr,
-        KL: tl.constexpr,
+        SOFT_LOSS: tl.constexpr,
+        ROW_SUM_GRADIENT: tl.constexpr,
         DEVICE_COUNTS: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -166,9 +258,11 @@ if triton is not None:
             bad = y != 0
         soft_coef = soft_scale
         hard_coef = hard_scale
-        if DEVICE_COUNTS:  # "mean" with labels: valid-row counts summed on the device
-            soft_coef = soft_coef / tl.maximum(tl.load(COUNTS), 1.0)
-            hard_coef = hard_coef / tl.maximum(tl.load(COUNTS + 1), 1.0)
+        if DEVICE_COUNTS:  # "mean": the denominators in device memory (0 gives 0, never NaN)
+            soft_count = tl.load(COUNTS)
+            hard_count = tl.load(COUNTS + 1)
+            soft_coef = tl.where(soft_count > 0, soft_coef / tl.maximum(soft_count, 1.0), 0.0)
+            hard_coef = tl.where(hard_count > 0, hard_coef / tl.maximum(hard_count, 1.0), 0.0)
 
         offs = tl.arange(0, BLOCK)
         neg_inf = float("-inf")
@@ -230,42 +324,72 @@ if triton is not None:
             d_const = (m_s - s_ref) * inv_t - m_z - log_lz + log_lu
             use_diff = diff_max * inv_t <= 64.0
 
-            # Pass 2: the soft term and the gradient.
+            # Pass 2: the soft term (and its row sum A), and the gradient unless it needs A.
             soft_sum = tl.zeros((), tl.float32)
+            qa_sum = tl.zeros((), tl.float32)
             for start in range(0, C, BLOCK):
                 cols = start + offs
                 mask = cols < C
-                s = tl.load(S + cols, mask=mask, other=neg_inf).to(tl.float32)
-                ds = s - m_s
-                log_q = ds * inv_t - log_lu
+                s, log_q, p, log_p, d = _soft_inputs(
+                    S,
+                    teachers,
+                    strides,
+                    weights,
+                    row,
+                    cols,
+                    mask,
+                    inv_t,
+                    m_s,
+                    log_lu,
+                    m_z,
+                    log_lz,
+                    s_ref,
+                    d_const,
+                    use_diff,
+                    member_max,
+                    member_sum,
+                    M,
+                    ARITHMETIC,
+                )
                 q = tl.exp(log_q)
-                if ARITHMETIC:
-                    p = tl.zeros((BLOCK,), tl.float32)
-                    for m in tl.static_range(M):
-                        t_row = teachers[m] + row * strides[m]
-                        t = tl.load(t_row + cols, mask=mask, other=neg_inf).to(tl.float32)
-                        mt = tl.max(tl.where(lane == m, member_max, neg_inf), 0)
-                        lt = tl.sum(tl.where(lane == m, member_sum, 0.0), 0)
-                        p += (weights[m] / lt) * tl.exp((t - mt) * inv_t)
-                    log_p = tl.log(p)
-                    d = log_p - log_q
-                else:
-                    finite = (s > neg_inf) & (s < float("inf"))
-                    s_hat = tl.where(finite, s, s_ref)
-                    diff = _teacher_minus_student(
-                        teachers, strides, weights, row, cols, mask, s_hat, M
-                    )
-                    z = (diff + (s_hat - s_ref)) * inv_t - m_z
-                    log_p = z - log_lz
-                    p = tl.exp(log_p)
-                    d = tl.where(finite, diff * inv_t + d_const, log_p - log_q)
-                    d = tl.where(use_diff, d, log_p - log_q)
-                term = _soft_term(p, log_p, d, q, log_q, KL)
+                term, a, qa = _soft_element(p, log_p, d, q, log_q, beta, SOFT_LOSS)
                 soft_sum += tl.sum(tl.where(mask, term, 0.0), 0)
-                if COMPUTE_GRAD:
-                    r = tl.exp(ds - log_ls)
+                qa_sum += tl.sum(tl.where(mask, qa, 0.0), 0)
+                if COMPUTE_GRAD and not ROW_SUM_GRADIENT:
                     g = tl.where(in_soft, soft_coef * inv_t * (q - p), 0.0)
-                    g += tl.where(in_hard, hard_coef * (r - tl.where(cols == y, 1.0, 0.0)), 0.0)
+                    g += _hard_grad(s, m_s, log_ls, cols, y, in_hard, hard_coef)
+                    g = tl.where(bad, float("nan"), g)
+                    tl.store(G + cols, g.to(G.dtype.element_ty), mask=mask)
+            if COMPUTE_GRAD and ROW_SUM_GRADIENT:  # pass 3: g = q (a - A), once A is known
+                for start in range(0, C, BLOCK):
+                    cols = start + offs
+                    mask = cols < C
+                    s, log_q, p, log_p, d = _soft_inputs(
+                        S,
+                        teachers,
+                        strides,
+                        weights,
+                        row,
+                        cols,
+                        mask,
+                        inv_t,
+                        m_s,
+                        log_lu,
+                        m_z,
+                        log_lz,
+                        s_ref,
+                        d_const,
+                        use_diff,
+                        member_max,
+                        member_sum,
+                        M,
+                        ARITHMETIC,
+                    )
+                    q = tl.exp(log_q)
+                    term, a, qa = _soft_element(p, log_p, d, q, log_q, beta, SOFT_LOSS)
+                    soft_g = tl.where(q == 0.0, 0.0, soft_coef * inv_t * q * (a - qa_sum))
+                    g = tl.where(in_soft, soft_g, 0.0)
+                    g += _hard_grad(s, m_s, log_ls, cols, y, in_hard, hard_coef)
                     g = tl.where(bad, float("nan"), g)
                     tl.store(G + cols, g.to(G.dtype.element_ty), mask=mask)
 
@@ -283,6 +407,15 @@ if triton is not None:
                     tl.store(G + cols, zero.to(G.dtype.element_ty), mask=cols < C)
 
 
+def soft_loss_code(soft_loss: str, beta: float | None) -> int:
+    """The kernel's SOFT_LOSS constant (csrc/kd_args.h's codes) for the divergence computed."""
+    return _SOFT_LOSS_CODES[divergence_of(soft_loss, beta)]
+
+
+# The SOFT_LOSS constants of the kernel: csrc/kd_args.h's codes (a test checks they agree).
+_SOFT_LOSS_CODES = {"kl": 0, "cross_entropy": 1, "reverse_kl": 2, "jsd": 3}
+
+
 def launch_config(c: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK, num_warps) for rows of c classes."""
     limit = 4096 if device.type == "cuda" else 512  # the interpreter is slow on wide blocks
@@ -292,11 +425,16 @@ def launch_config(c: int, device: torch.device) -> tuple[int, int]:
 
 @fused_op_signature
 def _fused_kd_triton_impl(
-    student: Tensor, teachers: list[Tensor], labels: Tensor | None, teacher_weights, *options
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    num_items: Tensor | None,
+    teacher_weights,
+    *options,
 ) -> tuple[Tensor, Tensor]:
     """Per-row losses [N] (float32) and, if compute_grad, d(sum of them)/d(student) [N, C]."""
     o = OpOptions(*options)
-    check_op_inputs(student, teachers, labels, len(teacher_weights), same_dtype=False)
+    check_op_inputs(student, teachers, labels, num_items, len(teacher_weights), same_dtype=False)
     if len(teachers) > MAX_TEACHERS:
         raise ValueError(f"the Triton kernel takes at most {MAX_TEACHERS} teachers")
     n, c = student.shape
@@ -304,8 +442,10 @@ def _fused_kd_triton_impl(
     grad = student.new_empty((n, c) if o.compute_grad else (0,))
     soft_scale = o.soft_weight * (o.temperature**2 if o.scale_soft_by_t2 else 1.0)
     hard_scale = o.hard_weight
-    device_counts = o.reduction == "mean" and labels is not None
-    if device_counts:  # summed on the device: no host synchronisation
+    device_counts = o.reduction == "mean" and (labels is not None or num_items is not None)
+    if num_items is not None:  # num_items_in_batch: the caller's denominators
+        counts = num_items.to(torch.float32)
+    elif device_counts:  # summed on the device: no host synchronisation
         soft_rows = labels != o.ignore_index
         hard_rows = (
             soft_rows if o.unlabeled_index is None else soft_rows & (labels != o.unlabeled_index)
@@ -320,6 +460,7 @@ def _fused_kd_triton_impl(
     strides = [t.stride(0) for t in slots]
     weights = [*teacher_weights, *[0.0] * (MAX_TEACHERS - m)]
     block, num_warps = launch_config(c, student.device)
+    soft_loss = soft_loss_code(o.soft_loss, o.beta)
     if n > 0:
         torch.library.wrap_triton(_kd_fwd_kernel)[(n,)](
             student,
@@ -337,11 +478,13 @@ def _fused_kd_triton_impl(
             hard_scale,
             o.ignore_index,
             0 if o.unlabeled_index is None else o.unlabeled_index,
+            DEFAULT_BETA if o.beta is None else o.beta,
             M=m,
             HAS_LABELS=labels is not None,
             HAS_UNLABELED=o.unlabeled_index is not None,
             ARITHMETIC=o.ensemble == "arithmetic" and m > 1,  # one member: the same p
-            KL=o.soft_loss == "kl",
+            SOFT_LOSS=soft_loss,
+            ROW_SUM_GRADIENT=soft_loss >= 2,
             DEVICE_COUNTS=device_counts,
             COMPUTE_GRAD=o.compute_grad,
             BLOCK=block,

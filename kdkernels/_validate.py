@@ -19,7 +19,8 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ENSEMBLES = ("geometric", "arithmetic")
-SOFT_LOSSES = ("kl", "cross_entropy")
+SOFT_LOSSES = ("kl", "cross_entropy", "reverse_kl", "jsd")
+DEFAULT_BETA = 0.5  # jsd's beta when none is given (TRL's GKD default)
 REDUCTIONS = ("mean", "sum", "none")
 # Temperatures whose loss float32 can carry (csrc/kd_args.h says the same): below, 1/T overflows
 # or T^2 underflows (T = 1e-40 gave NaN on every backend); above, the soft targets are uniform to
@@ -37,6 +38,7 @@ class Options:
     hard_weight: float = 0.1
     ensemble: str = "geometric"
     soft_loss: str = "kl"
+    beta: float | None = None  # jsd only (None: DEFAULT_BETA)
     scale_soft_by_t2: bool = True
     ignore_index: int = -100
     unlabeled_index: int | None = None
@@ -56,9 +58,18 @@ class Problem:
     weights: list[float]  # one per teacher, summing to 1 (zero-weight members dropped)
     lead_shape: torch.Size  # the student's leading dimensions
     options: Options
+    num_items: Tensor | None = None  # int64 [2] on the student's device: "mean"'s denominators
 
 
 _warned_teacher_grad = False
+
+
+def divergence_of(soft_loss: str, beta: float | None) -> str:
+    """The divergence computed: jsd at beta 0 and 1 is TRL's KL(p || q) and KL(q || p) exactly
+    (csrc/kd_row_math.h, divergence_of, says the same)."""
+    if soft_loss == "jsd" and beta in (0.0, 1.0):
+        return "kl" if beta == 0.0 else "reverse_kl"
+    return soft_loss
 
 
 def _number(name: str, value: object, *, positive: bool) -> float:
@@ -119,12 +130,24 @@ def validate_options(**given: object) -> Options:
             f"temperature must be in [{low:g}, {high:g}], got {t:g}: outside it float32 "
             "cannot carry the softened softmax (1/T overflows or T**2 underflows)"
         )
+    soft_loss = _choice("soft_loss", values["soft_loss"], SOFT_LOSSES)
+    beta = values["beta"]
+    if beta is not None:
+        if soft_loss != "jsd":
+            raise ValueError(
+                f"beta is the mixture weight of soft_loss='jsd'; with soft_loss={soft_loss!r} it "
+                "must be None"
+            )
+        beta = _number("beta", beta, positive=False)
+        if beta > 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
     return Options(
         temperature=t,
         soft_weight=_number("soft_weight", values["soft_weight"], positive=False),
         hard_weight=_number("hard_weight", values["hard_weight"], positive=False),
         ensemble=_choice("ensemble", values["ensemble"], ENSEMBLES),
-        soft_loss=_choice("soft_loss", values["soft_loss"], SOFT_LOSSES),
+        soft_loss=soft_loss,
+        beta=beta,
         scale_soft_by_t2=scale_soft_by_t2,
         ignore_index=ignore,
         unlabeled_index=unlabeled,
@@ -248,6 +271,43 @@ def _labels(labels: object, student: Tensor, options: Options) -> Tensor | None:
     return flat
 
 
+def _num_items(value: object, options: Options, device: torch.device) -> Tensor | None:
+    """num_items_in_batch as int64 [2] (soft, hard) on `device`, built there from Python ints
+    (a fill, not a host-to-device copy) or moved there from tensors without a host sync."""
+    if value is None:
+        return None
+    if options.reduction != "mean":
+        raise ValueError(
+            "num_items_in_batch replaces the denominators of reduction='mean'; with "
+            f"reduction={options.reduction!r} it must be None"
+        )
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2:
+        raise ValueError(
+            "num_items_in_batch must be an int, a 0-dim integer tensor, or a pair "
+            f"(soft_rows, hard_rows) of them; got a sequence of {len(pair)}"
+        )
+    counts = []
+    for v in pair:
+        if isinstance(v, Tensor):
+            if v.dim() != 0 or v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+                raise TypeError(
+                    "num_items_in_batch must be an int or a 0-dim integer tensor, got a tensor "
+                    f"of shape {tuple(v.shape)} and dtype {v.dtype}"
+                )
+            counts.append(v.to(device=device, dtype=torch.int64, non_blocking=True))
+        elif isinstance(v, int) and not isinstance(v, bool):
+            if v < 0:
+                raise ValueError(f"num_items_in_batch must be >= 0, got {v}")
+            counts.append(torch.full((), v, dtype=torch.int64, device=device))
+        else:
+            raise TypeError(
+                f"num_items_in_batch must be an int or a 0-dim integer tensor, got "
+                f"{type(v).__name__}"
+            )
+    return torch.stack(counts)
+
+
 def _rows(x: Tensor) -> Tensor:
     """[..., C] -> [N, C] with a contiguous last dimension (a view whenever one exists)."""
     rows = x.reshape(-1, x.shape[-1])
@@ -260,6 +320,7 @@ def validate(
     labels: object,
     teacher_weights: object,
     options: Options,
+    num_items_in_batch: object = None,
 ) -> Problem:
     global _warned_teacher_grad
     student = _logits("student_logits", student_logits)
@@ -291,4 +352,5 @@ def validate(
         weights=[w for w, _ in members],
         lead_shape=student.shape[:-1],
         options=options,
+        num_items=_num_items(num_items_in_batch, options, student.device),
     )

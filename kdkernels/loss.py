@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 from torch import Tensor, nn
 
@@ -22,16 +21,19 @@ def distillation_loss(
     ensemble: str = "geometric",
     teacher_weights: Sequence[float] | Tensor | None = None,
     soft_loss: str = "kl",
+    beta: float | None = None,
     scale_soft_by_t2: bool = True,
     ignore_index: int = -100,
     unlabeled_index: int | None = None,
     reduction: str = "mean",
+    num_items_in_batch: int | Tensor | tuple[int | Tensor, int | Tensor] | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Knowledge-distillation loss of Hinton, Vinyals & Dean (2015), fused into one kernel.
 
-    ``soft_weight * T**2 * KL(p || q) + hard_weight * CE(student, labels)``, where
-    ``p`` is the teachers' softmax at temperature ``T`` (for an ensemble, the weighted geometric
+    ``soft_weight * T**2 * D(p, q) + hard_weight * CE(student, labels)``, where D is the
+    divergence `soft_loss` (default KL(p || q), the paper's), ``p`` is
+    the teachers' softmax at temperature ``T`` (for an ensemble, the weighted geometric
     mean ``softmax(sum_m w_m t_m / T)`` or the arithmetic mean ``sum_m w_m softmax(t_m / T)``) and
     ``q = softmax(student / T)``; the hard term is the ordinary cross-entropy at T = 1.
 
@@ -47,11 +49,30 @@ def distillation_loss(
         soft_weight, hard_weight: weights of the two terms (>= 0).
         ensemble: "geometric" (default) or "arithmetic" mean of the teachers.
         teacher_weights: M non-negative weights (normalised to sum 1); default uniform.
-        soft_loss: "kl" (default) or "cross_entropy" (adds the teachers' entropy, a constant;
-            same gradient).
+        soft_loss: the divergence between the soft targets p and q:
+            "kl": KL(p || q) = sum p (log p - log q) (default; mode-covering);
+            "cross_entropy": H(p, q) = -sum p log q (KL plus the teachers' entropy, a constant:
+            same gradient);
+            "reverse_kl": KL(q || p) = sum q (log q - log p) (mode-seeking). +inf where a class
+            has p = 0 (a -inf teacher logit) and q > 0, the true value, and that row's gradient
+            is not finite; a class where both logits are -inf contributes 0, so mask the
+            student where the teacher is masked;
+            "jsd": the generalised Jensen-Shannon divergence of TRL's GKD trainer,
+            beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q (Agarwal et
+            al. 2024, on-policy distillation). beta = 0 is exactly KL(p || q), beta = 1 exactly
+            KL(q || p); in between the value tends to 0 at both ends (roughly beta KL near
+            beta = 0), so beta is not a smooth knob between the two KLs.
+        beta: jsd's beta in [0, 1] (default 0.5); an error with any other soft_loss.
         scale_soft_by_t2: multiply the soft term by T**2, which keeps its gradient's size
             independent of T (the paper's recommendation).
         reduction: "mean" (each term averaged over its own rows), "sum" or "none" (per row).
+        num_items_in_batch: with "mean", the denominators instead of this call's row counts
+            (the Hugging Face Trainer's name): an int or a 0-dim integer tensor (moved to the
+            logits' device without a host sync), or a pair (soft_rows, hard_rows) when the
+            two terms count different rows (unlabeled_index). Summing the losses of the
+            micro-batches of a gradient-accumulation step, each called with the step's total,
+            gives exactly the loss and gradient of the whole batch. 0 gives a zero loss and
+            gradient. An error with "sum" or "none".
         backend: "auto", "cpu", "cuda", "triton" or "torch" (the pure-PyTorch reference).
 
     Returns:
@@ -68,13 +89,16 @@ def distillation_loss(
         hard_weight=hard_weight,
         ensemble=ensemble,
         soft_loss=soft_loss,
+        beta=beta,
         scale_soft_by_t2=scale_soft_by_t2,
         ignore_index=ignore_index,
         unlabeled_index=unlabeled_index,
         reduction=reduction,
     )
     backend = _choice("backend", backend, _backends.NAMES)
-    problem = validate(student_logits, teacher_logits, labels, teacher_weights, options)
+    problem = validate(
+        student_logits, teacher_logits, labels, teacher_weights, options, num_items_in_batch
+    )
     return _backends.select(backend, problem).loss(problem)
 
 
@@ -101,9 +125,9 @@ class DistillationLoss(nn.Module):
         self.backend = _choice("backend", extra.get("backend", "auto"), _backends.NAMES)
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name in OPTION_NAMES:
-            value = getattr(validate_options(**{name: value}), name)
-            object.__setattr__(self, "_options", replace(self._options, **{name: value}))
+        if name in OPTION_NAMES:  # checked together with the others (beta needs soft_loss="jsd")
+            options = validate_options(**{**self._options.as_dict(), name: value})
+            object.__setattr__(self, "_options", options)
         elif name == "backend":
             super().__setattr__(name, _choice("backend", value, _backends.NAMES))
         elif name.startswith("_") or name in _MODULE_ATTRIBUTES or hasattr(self, name):
@@ -119,11 +143,13 @@ class DistillationLoss(nn.Module):
         student_logits: Tensor,
         teacher_logits: Tensor | Sequence[Tensor],
         labels: Tensor | None = None,
+        num_items_in_batch: int | Tensor | tuple[int | Tensor, int | Tensor] | None = None,
     ) -> Tensor:
         return distillation_loss(
             student_logits,
             teacher_logits,
             labels,
+            num_items_in_batch=num_items_in_batch,
             teacher_weights=self.teacher_weights,
             backend=self.backend,
             **self._options.as_dict(),

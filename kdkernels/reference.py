@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._validate import DEFAULT_BETA, divergence_of
+
 
 def _masked_sum_product(p: Tensor, x: Tensor) -> Tensor:
     """Row sums of p * x, where p == 0 contributes 0 even against an infinite x (0 log 0 = 0).
@@ -79,6 +81,39 @@ def kl_terms(p: Tensor, log_p: Tensor, d: Tensor, q: Tensor) -> Tensor:
     return torch.where(p == 0, q, torch.where(small, p * series, far))
 
 
+def jsd_terms(p: Tensor, log_p: Tensor, d: Tensor, q: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """Per-class terms of beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q,
+    each >= 0 (kl_terms of both KLs). e = log q - log m and f = log p - log m come from d through
+    expm1 / log1p of a non-positive argument: no overflow, and no cancellation near p = q.
+    Where p = q = 0 (d undefined) d is taken as 0: the terms are 0 there. The Triton and CUDA
+    kernels compute the same (csrc/kd_row_math.h, JensenShannon)."""
+    d = torch.where((p == 0) & (q == 0), torch.zeros_like(d), d)
+    p_smaller = d <= 0
+    x = torch.where(p_smaller, d, -d)
+    l_ = -torch.log1p(torch.where(p_smaller, beta, 1.0 - beta) * torch.expm1(x))
+    e = torch.where(p_smaller, l_, l_ - d)
+    f = torch.where(p_smaller, d + l_, l_)
+    m = beta * p + (1.0 - beta) * q
+    return beta * kl_terms(p, log_p, f, m) + (1.0 - beta) * kl_terms(q, log_q, e, m)
+
+
+def _divide(total: Tensor, count: Tensor) -> Tensor:
+    """total / count, and 0 for a count of 0 (an all-ignored batch, num_items_in_batch = 0)."""
+    count = count.to(total.dtype)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+def _item_counts(num_items_in_batch, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(soft, hard) denominators from an int, a 0-dim tensor, a pair of them, or int64 [2]."""
+    if isinstance(num_items_in_batch, Tensor) and num_items_in_batch.dim() == 1:
+        return num_items_in_batch[0], num_items_in_batch[1]
+    pair = num_items_in_batch
+    if not isinstance(pair, (tuple, list)):
+        pair = (pair, pair)
+    soft, hard = (torch.as_tensor(v, device=device) for v in pair)
+    return soft, hard
+
+
 def kd_loss_reference(
     student_logits: Tensor,
     teacher_logits: Sequence[Tensor],
@@ -90,15 +125,19 @@ def kd_loss_reference(
     ensemble: str = "geometric",
     teacher_weights: Sequence[float] | None = None,
     soft_loss: str = "kl",
+    beta: float | None = None,
     scale_soft_by_t2: bool = True,
     ignore_index: int = -100,
     unlabeled_index: int | None = None,
     reduction: str = "mean",
+    num_items_in_batch: int | Tensor | tuple | None = None,
 ) -> Tensor:
     """Distillation loss of docs/DESIGN.md section 1, composed from PyTorch ops.
 
     ``teacher_logits`` is a sequence of M tensors with the student's shape (a stacked [M, ...]
     tensor iterates as one). Inputs are assumed valid: `kdkernels.distillation_loss` validates.
+    In float64 each divergence is its definition, term by term (the oracle); in float32 the
+    same divergences are summed as non-negative terms that keep their digits near p = q.
     """
     c = student_logits.shape[-1]
     teachers = list(teacher_logits)
@@ -143,15 +182,33 @@ def kd_loss_reference(
         )
     p = log_p.exp()
     log_q = F.log_softmax(s / temperature, dim=-1)
-    if soft_loss == "kl" and acc == torch.float64:  # the oracle: the definition, term by term
-        soft = _masked_sum_product(p, log_p - log_q)
-    elif soft_loss == "kl":  # float32 (backend="torch"): never negative, accurate near p = q
+    q = log_q.exp()
+    divergence = divergence_of(soft_loss, beta)
+    beta = DEFAULT_BETA if beta is None else float(beta)
+    if divergence == "cross_entropy":
+        soft = -_masked_sum_product(p, log_q)
+    elif acc == torch.float64:  # the oracle: each definition, term by term
+        if divergence == "kl":
+            soft = _masked_sum_product(p, log_p - log_q)
+        elif divergence == "reverse_kl":
+            soft = _masked_sum_product(q, log_q - log_p)
+        else:
+            both_zero = (p == 0) & (q == 0)  # 0 log 0: keep log m finite there for autograd
+            lp = torch.where(both_zero, torch.zeros_like(log_p), log_p)
+            lq = torch.where(both_zero, torch.zeros_like(log_q), log_q)
+            log_m = torch.logaddexp(lp + math.log(beta), lq + math.log(1.0 - beta))
+            soft = beta * _masked_sum_product(p, log_p - log_m)
+            soft = soft + (1.0 - beta) * _masked_sum_product(q, log_q - log_m)
+    else:  # float32 (backend="torch"): never negative, accurate near p = q
         d = log_p - log_q
         if ensemble == "geometric":
             d = _geometric_log_ratio(s_raw, t_raw, log_p, log_q, temperature)
-        soft = kl_terms(p, log_p, d, log_q.exp()).sum(-1)
-    else:
-        soft = -_masked_sum_product(p, log_q)
+        if divergence == "kl":
+            soft = kl_terms(p, log_p, d, q).sum(-1)
+        elif divergence == "reverse_kl":
+            soft = kl_terms(q, log_q, -d, p).sum(-1)  # the KL with p and q swapped
+        else:
+            soft = jsd_terms(p, log_p, d, q, log_q, beta).sum(-1)
 
     log_r = F.log_softmax(_shifted(rows_in(in_hard, student_logits.reshape(-1, c).to(acc))), -1)
     hard = -log_r.gather(1, y.unsqueeze(1)).squeeze(1)
@@ -163,6 +220,8 @@ def kd_loss_reference(
         return (soft_rows + hard_rows).reshape(student_logits.shape[:-1])
     if reduction == "sum":
         return soft_rows.sum() + hard_rows.sum()
-    soft_count = in_soft.sum().clamp(min=1).to(acc)
-    hard_count = in_hard.sum().clamp(min=1).to(acc)
-    return soft_rows.sum() / soft_count + hard_rows.sum() / hard_count
+    if num_items_in_batch is None:
+        soft_count, hard_count = in_soft.sum(), in_hard.sum()
+    else:
+        soft_count, hard_count = _item_counts(num_items_in_batch, soft_rows.device)
+    return _divide(soft_rows.sum(), soft_count) + _divide(hard_rows.sum(), hard_count)

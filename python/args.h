@@ -35,8 +35,8 @@ inline kd::KDArgs make_args(uintptr_t student, int64_t student_row_stride, int s
                      int64_t ignore_index, std::optional<int64_t> unlabeled_index,
                      int64_t num_rows, int64_t num_classes, double temperature,
                      double soft_weight, double hard_weight, bool scale_soft_by_t2, int ensemble,
-                     int soft_loss, int reduction, uintptr_t row_loss, uintptr_t grad,
-                     int num_threads) {
+                     int soft_loss, double beta, int reduction, uintptr_t row_counts,
+                     uintptr_t row_loss, uintptr_t grad, int num_threads) {
   if (teachers.size() != teacher_row_strides.size() || teachers.size() != teacher_weights.size())
     throw std::invalid_argument("teachers, teacher_row_strides and teacher_weights differ in length");
   if (teachers.empty() || teachers.size() > static_cast<size_t>(kd::kMaxTeachers))
@@ -64,7 +64,9 @@ inline kd::KDArgs make_args(uintptr_t student, int64_t student_row_stride, int s
   a.scale_soft_by_t2 = scale_soft_by_t2;
   a.ensemble = static_cast<kd::Ensemble>(ensemble);
   a.soft_loss = static_cast<kd::SoftLoss>(soft_loss);
+  a.beta = beta;
   a.reduction = static_cast<kd::Reduction>(reduction);
+  a.row_counts = as_pointer<const int64_t>(row_counts);
   a.row_loss = as_pointer<void>(row_loss);
   a.grad = as_pointer<void>(grad);
   a.num_threads = num_threads;
@@ -81,7 +83,8 @@ inline void bind_args(py::module_& m) {
         py::arg("ignore_index"), py::arg("unlabeled_index"), py::arg("num_rows"),
         py::arg("num_classes"), py::arg("temperature"), py::arg("soft_weight"),
         py::arg("hard_weight"), py::arg("scale_soft_by_t2"), py::arg("ensemble"),
-        py::arg("soft_loss"), py::arg("reduction"), py::arg("row_loss"), py::arg("grad"),
+        py::arg("soft_loss"), py::arg("beta"), py::arg("reduction"), py::arg("row_counts"),
+        py::arg("row_loss"), py::arg("grad"),
         py::arg("num_threads"),
         "Build and check the kernel argument struct from raw pointers and options.");
 }

@@ -110,7 +110,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ENSEMBLE_CODES") =
       py::dict("geometric"_a = int(kd::Ensemble::kGeometric), "arithmetic"_a = int(kd::Ensemble::kArithmetic));
   m.attr("SOFT_LOSS_CODES") =
-      py::dict("kl"_a = int(kd::SoftLoss::kKL), "cross_entropy"_a = int(kd::SoftLoss::kCrossEntropy));
+      py::dict("kl"_a = int(kd::SoftLoss::kKL), "cross_entropy"_a = int(kd::SoftLoss::kCrossEntropy),
+               "reverse_kl"_a = int(kd::SoftLoss::kReverseKL), "jsd"_a = int(kd::SoftLoss::kJSD));
   m.attr("REDUCTION_CODES") = py::dict("mean"_a = int(kd::Reduction::kMean), "sum"_a = int(kd::Reduction::kSum),
                                        "none"_a = int(kd::Reduction::kNone));
   m.attr("TEMPERATURE_RANGE") = py::make_tuple(kd::kMinTemperature, kd::kMaxTemperature);
