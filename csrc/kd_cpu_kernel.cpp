@@ -389,8 +389,11 @@ template <typename Div, typename S, typename Tt, typename Acc>
     });
     diff_max = lane_max(top.v);
   } else {  // arithmetic: p_j = sum_m w_m softmax(t_m / T)_j, each member from its own max
+    Acc member_max[kMaxTeachers], log_scale[kMaxTeachers];
     for (int32_t m = 0; m < a.num_teachers; ++m) {
       const Acc w = static_cast<Acc>(a.teacher_weights[m]);
+      member_max[m] = 0;
+      log_scale[m] = -std::numeric_limits<Acc>::infinity();
       if (w == Acc(0)) continue;
       const Tt* __restrict__ t = teacher(m);
       Lanes<Acc> top(-std::numeric_limits<Acc>::infinity()), sum(0);
@@ -401,10 +404,25 @@ template <typename Div, typename S, typename Tt, typename Acc>
       const Acc mt = lane_max(top.v);
       for_lanes(C, [&](int64_t j, int64_t k) { sum.v[k] += fast_exp((in(t[j]) - mt) * inv_t); });
       const Acc c = w / lane_sum(sum.v);
+      member_max[m] = mt;
+      log_scale[m] = std::log(c);
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j) scratch[j] += c * fast_exp((in(t[j]) - mt) * inv_t);
     }
-    for (int64_t j = 0; j < C; ++j) scratch[j] = std::log(scratch[j]);
+    for (int64_t j = 0; j < C; ++j) {
+      scratch[j] = std::log(scratch[j]);
+      // Every member's share underflowed (below e^-87): log p in log space, where reverse KL
+      // needs it (q log p); -inf only where every member's logit is -inf.
+      if (scratch[j] == -std::numeric_limits<Acc>::infinity()) {
+        Acc top = -std::numeric_limits<Acc>::infinity(), sum = 0;
+        for (int32_t m = 0; m < a.num_teachers; ++m) {
+          const Acc lp = (in(teacher(m)[j]) - member_max[m]) * inv_t + log_scale[m];
+          if (lp > top) sum = sum * std::exp(top - lp) + Acc(1), top = lp;
+          else if (lp > -std::numeric_limits<Acc>::infinity()) sum += std::exp(lp - top);
+        }
+        if (top > -std::numeric_limits<Acc>::infinity()) scratch[j] = top + std::log(sum);
+      }
+    }
   }
   const Acc d_const = (m_s - ref_sum) * inv_t - m_z - log_lz + log_lu;
   const bool use_diff = diff_max * inv_t <= Acc(64);

@@ -409,6 +409,27 @@ __device__ void row_statistics(const KDArgs& a, bool soft, int cluster, int64_t 
   r.use_diff = diff_max * inv_t <= 64.f;
 }
 
+// log p_j of an arithmetic ensemble in log space, for a class where every member's share
+// underflowed (p rounds to 0 but log p, which reverse KL needs, is finite); -inf only where every
+// member's logit is -inf. o: the class's position in the row copy.
+template <typename S, typename Tt>
+__device__ float arithmetic_log_p(const KDArgs& a, const RowPass<S, Tt>& r, int64_t j, int64_t o) {
+  float top = kNegInf, sum = 0.f;
+  for (int m = 0; m < a.num_teachers; ++m) {
+    const float w = static_cast<float>(a.teacher_weights[m]);
+    if (w == 0.f) continue;
+    const float t = to_f(r.t_cache ? r.t_cache[m * r.span_len + o] : teacher_row<Tt>(a, m, r.row)[j]);
+    const float lp = (t - r.member_stats[2 * m]) * r.inv_t + __logf(w / r.member_stats[2 * m + 1]);
+    if (lp > top) {
+      sum = sum * __expf(top - lp) + 1.f;
+      top = lp;
+    } else if (lp > kNegInf) {
+      sum += __expf(lp - top);
+    }
+  }
+  return top > kNegInf ? top + __logf(sum) : kNegInf;
+}
+
 // The V classes from j as the soft term sees them: the student s, log q, and (soft rows) p,
 // log p and d = log p - log q, from the shared-memory copy when there is one.
 template <int V, typename S, typename Tt>
@@ -447,7 +468,7 @@ __device__ __forceinline__ void soft_inputs(const KDArgs& a, const RowPass<S, Tt
     }
     KD_UNROLL
     for (int k = 0; k < V; ++k) {
-      log_p[k] = __logf(p[k]);
+      log_p[k] = p[k] > 0.f ? __logf(p[k]) : arithmetic_log_p(a, r, j + k, o + k);
       d[k] = log_p[k] - log_q[k];
     }
   }

@@ -158,9 +158,12 @@ if triton is not None:
         member_sum,
         M: tl.constexpr,
         ARITHMETIC: tl.constexpr,
+        LOG_SPACE: tl.constexpr,
     ):
         """One block of a row as the soft term sees it: (s, log q, p, log p, d) with
-        d = log p - log q formed where it keeps its digits (geometric: D / T + d_const)."""
+        d = log p - log q formed where it keeps its digits (geometric: D / T + d_const).
+        LOG_SPACE (reverse KL, which needs q log p): an arithmetic mixture whose every share
+        underflowed gets its log p in log space, finite, instead of log 0."""
         neg_inf = float("-inf")
         s = tl.load(S + cols, mask=mask, other=neg_inf).to(tl.float32)
         log_q = (s - m_s) * inv_t - log_lu
@@ -174,6 +177,22 @@ if triton is not None:
                 lt = tl.sum(tl.where(lane == m, member_sum, 0.0), 0)
                 p += (weights[m] / lt) * tl.exp((t - mt) * inv_t)
             log_p = tl.log(p)
+            if LOG_SPACE:
+                top = tl.full(cols.shape, neg_inf, tl.float32)
+                for m in tl.static_range(M):
+                    t = tl.load(teachers[m] + row * strides[m] + cols, mask=mask, other=neg_inf)
+                    mt = tl.max(tl.where(lane == m, member_max, neg_inf), 0)
+                    lt = tl.sum(tl.where(lane == m, member_sum, 0.0), 0)
+                    top = tl.maximum(top, (t.to(tl.float32) - mt) * inv_t + tl.log(weights[m] / lt))
+                top_safe = tl.where(top == neg_inf, 0.0, top)
+                total = tl.zeros(cols.shape, tl.float32)
+                for m in tl.static_range(M):
+                    t = tl.load(teachers[m] + row * strides[m] + cols, mask=mask, other=neg_inf)
+                    mt = tl.max(tl.where(lane == m, member_max, neg_inf), 0)
+                    lt = tl.sum(tl.where(lane == m, member_sum, 0.0), 0)
+                    lp = (t.to(tl.float32) - mt) * inv_t + tl.log(weights[m] / lt)
+                    total += tl.exp(lp - top_safe)
+                log_p = tl.where(p > 0.0, log_p, top_safe + tl.log(total))
             d = log_p - log_q
         else:
             finite = (s > neg_inf) & (s < float("inf"))
@@ -350,6 +369,7 @@ if triton is not None:
                     member_sum,
                     M,
                     ARITHMETIC,
+                    SOFT_LOSS == 2,
                 )
                 q = tl.exp(log_q)
                 term, a, qa = _soft_element(p, log_p, d, q, log_q, beta, SOFT_LOSS)
@@ -384,6 +404,7 @@ if triton is not None:
                         member_sum,
                         M,
                         ARITHMETIC,
+                        SOFT_LOSS == 2,
                     )
                     q = tl.exp(log_q)
                     term, a, qa = _soft_element(p, log_p, d, q, log_q, beta, SOFT_LOSS)

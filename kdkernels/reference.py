@@ -19,9 +19,12 @@ from ._validate import DEFAULT_BETA, divergence_of
 def _masked_sum_product(p: Tensor, x: Tensor) -> Tensor:
     """Row sums of p * x, where p == 0 contributes 0 even against an infinite x (0 log 0 = 0).
 
-    Selecting on p == 0 (not p > 0) keeps a NaN p in the sum, so NaN inputs stay NaN.
+    Selecting on p == 0 (not p > 0) keeps a NaN p in the sum, so NaN inputs stay NaN; x is
+    zeroed there too, so autograd never multiplies a zero gradient by an infinite or NaN x
+    (reverse KL differentiates through p = q).
     """
-    return torch.where(p == 0, torch.zeros_like(x), p * x).sum(-1)
+    zero = torch.zeros_like(x)
+    return torch.where(p == 0, zero, p * torch.where(p == 0, zero, x)).sum(-1)
 
 
 def _row_max(x: Tensor) -> Tensor:

@@ -141,6 +141,41 @@ def sample_inputs(seed: int = 0, *, small: bool = False) -> Iterator[Sample]:
             kwargs,
         )
 
+    # The divergences beyond the paper's KL, each with both ensembles and every reduction; jsd
+    # at its endpoints (exactly KL and reverse KL) and inside.
+    divergences = [("reverse_kl", None)] + [("jsd", b) for b in (0.0, 0.1, 0.5, 0.9, 1.0)]
+    for i, ((soft, beta), ens, red) in enumerate(
+        itertools.product(divergences, ("geometric", "arithmetic"), ("mean", "sum", "none"))
+    ):
+        mode, m = ("none", "plain", "mixed")[i % 3], (1, 3)[i % 2]
+        kwargs = dict(
+            ensemble=ens,
+            soft_loss=soft,
+            reduction=red,
+            temperature=float(torch.empty(1).uniform_(0.5, 8.0, generator=gen)),
+        )
+        if beta is not None:
+            kwargs["beta"] = beta
+        if mode == "mixed":
+            kwargs["unlabeled_index"] = -1
+        yield Sample(
+            f"div-{soft}{'' if beta is None else beta}-{ens}-{red}-{mode}-M{m}",
+            _logits(gen, n0, c0),
+            _logits(gen, m, n0, c0),
+            _labels(gen, n0, c0, mode),
+            kwargs,
+        )
+
+    # num_items_in_batch: the mean's denominators given (an int, a pair, a tensor, zero).
+    for name, items in [("int", 50), ("pair", (40, 25)), ("tensor", torch.tensor(7)), ("zero", 0)]:
+        yield Sample(
+            f"num-items-{name}",
+            _logits(gen, n0, c0),
+            _logits(gen, 2, n0, c0),
+            _labels(gen, n0, c0, "mixed"),
+            dict(unlabeled_index=-1, num_items_in_batch=items, soft_loss="jsd"),
+        )
+
     n, c = n0, c0
     for mode in ("all_ignored", "all_unlabeled"):
         for red in ("mean", "sum", "none"):
@@ -176,24 +211,32 @@ def sample_inputs(seed: int = 0, *, small: bool = False) -> Iterator[Sample]:
         dict(ignore_index=3),
     )
 
-    # Extreme values: logits of +-1e4, -inf teacher entries (masked vocabulary).
-    for ens in ("geometric", "arithmetic"):
+    # Extreme values: logits of +-1e4, -inf teacher entries (masked vocabulary), every
+    # divergence. Reverse KL is +inf where only the teacher is masked (its gradient is not
+    # finite): it is tested with the student masked where the teacher is, as documented.
+    for ens, (soft, beta) in itertools.product(
+        ("geometric", "arithmetic"), [("kl", None), ("reverse_kl", None), ("jsd", 0.3)]
+    ):
+        divergence = dict(soft_loss=soft) if beta is None else dict(soft_loss=soft, beta=beta)
         big = _logits(gen, n, c).sign() * 1e4
         yield Sample(
-            f"extreme-1e4-{ens}",
+            f"extreme-1e4-{ens}-{soft}",
             big,
             _logits(gen, 2, n, c).sign() * 1e4,
             _labels(gen, n, c, "plain"),
-            dict(ensemble=ens),
+            dict(ensemble=ens, **divergence),
         )
         masked = _logits(gen, 2, n, c)
         masked[..., c // 2 :] = float("-inf")
+        student = _logits(gen, n, c)
+        if soft == "reverse_kl":
+            student[..., c // 2 :] = float("-inf")
         yield Sample(
-            f"teacher-neg-inf-{ens}",
-            _logits(gen, n, c),
+            f"teacher-neg-inf-{ens}-{soft}",
+            student,
             masked,
-            _labels(gen, n, c, "plain"),
-            dict(ensemble=ens),
+            _labels(gen, n, c // 2, "plain"),
+            dict(ensemble=ens, **divergence),
         )
 
     # Non-unit row strides: views into wider buffers (a teacher with a padded vocabulary).
@@ -228,7 +271,9 @@ def raw_kernel_args(n: int, c: int, **change) -> tuple[tuple[Tensor, ...], dict]
         scale_soft_by_t2=True,
         ensemble=0,
         soft_loss=0,
+        beta=0.5,
         reduction=0,
+        row_counts=0,
         row_loss=row_loss.data_ptr(),
         grad=0,
         num_threads=1,

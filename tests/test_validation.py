@@ -104,7 +104,17 @@ BAD_INPUTS = [
         "teacher_weights must be",
     ),
     (dict(ensemble="harmonic"), ValueError, "ensemble must be one of ['geometric', 'arithmetic']"),
-    (dict(soft_loss="jsd"), ValueError, "soft_loss must be one of"),
+    (dict(soft_loss="js"), ValueError, "soft_loss must be one of"),
+    (dict(beta=0.5), ValueError, "beta is the mixture weight of soft_loss='jsd'"),
+    (dict(soft_loss="jsd", beta=1.5), ValueError, "beta must be in [0, 1]"),
+    (dict(soft_loss="jsd", beta=-0.1), ValueError, "beta must be finite and >= 0"),
+    (dict(soft_loss="jsd", beta="half"), TypeError, "beta must be a real number"),
+    (dict(num_items_in_batch=4, reduction="sum"), ValueError, "with reduction='sum' it must be"),
+    (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch must be >= 0"),
+    (dict(num_items_in_batch=4.0), TypeError, "num_items_in_batch must be an int"),
+    (dict(num_items_in_batch=torch.tensor([4])), TypeError, "0-dim integer tensor"),
+    (dict(num_items_in_batch=torch.tensor(4.0)), TypeError, "0-dim integer tensor"),
+    (dict(num_items_in_batch=(1, 2, 3)), ValueError, "or a pair (soft_rows, hard_rows)"),
     (dict(reduction="batchmean"), ValueError, "reduction must be one of ['mean', 'sum', 'none']"),
     (dict(reduction=None), TypeError, "reduction must be a string"),
     (dict(backend="tpu"), ValueError, "backend must be one of"),
@@ -185,6 +195,9 @@ RAW_BAD = [
     (dict(soft_weight=-1.0), "soft_weight"),
     (dict(ensemble=5), "ensemble code"),
     (dict(reduction=-1), "reduction code"),
+    (dict(soft_loss=4), "soft_loss code"),
+    (dict(soft_loss=3, beta=math.nan), "beta must be in [0, 1]"),
+    (dict(soft_loss=3, beta=1.5), "beta must be in [0, 1]"),
     (dict(num_threads=0), "num_threads"),
 ]
 
@@ -208,7 +221,8 @@ def test_op_called_directly_checks_shapes_before_reading_pointers():
     from kdkernels._ops import fused_kd
 
     s, t = torch.randn(4, 10), torch.randn(3, 10)
-    args = (None, [1.0], 4.0, 0.9, 0.1, "geometric", "kl", True, -100, None, "mean", False)
+    args = (None, None, [1.0], 4.0, 0.9, 0.1, "geometric", "kl", None, True, -100, None, "mean")
+    args = (*args, False)
     with pytest.raises(ValueError, match="every teacher must be"):
         fused_kd(s, [t], *args)
     with pytest.raises(ValueError, match="labels must be a contiguous int64"):
@@ -217,10 +231,12 @@ def test_op_called_directly_checks_shapes_before_reading_pointers():
 
 def test_option_names_and_codes_agree_with_the_extension():
     """The C++ enums and limits are reached by name, and the Python choices are exactly them."""
+    from kdkernels import _triton
     from kdkernels._validate import ENSEMBLES, REDUCTIONS, SOFT_LOSSES, TEMPERATURE_RANGE
 
     assert set(_C.ENSEMBLE_CODES) == set(ENSEMBLES)
     assert set(_C.SOFT_LOSS_CODES) == set(SOFT_LOSSES)
+    assert _triton._SOFT_LOSS_CODES == _C.SOFT_LOSS_CODES  # the Triton kernel's constants
     assert set(_C.REDUCTION_CODES) == set(REDUCTIONS)
     assert _C.TEMPERATURE_RANGE == TEMPERATURE_RANGE
 
