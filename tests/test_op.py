@@ -10,31 +10,32 @@ from kdkernels._ops import fused_kd
 from kdkernels._validate import Options, validate
 from kdkernels.testing import sample_inputs
 
-OPCHECK_CASES = [
-    c
-    for c in sample_inputs(seed=2, small=True)
-    if c.name
-    in (
-        "shape-37x10",
-        "opt-arithmetic-cross_entropy-none-t20-mixed-M2",
-        "opt-geometric-kl-mean-t21-plain-M5",
-        "row-strides",
-        "empty-batch",
-    )
-]
+OPCHECK_NAMES = (
+    "shape-37x10",
+    "opt-arithmetic-cross_entropy-none-t20-mixed-M2",
+    "opt-geometric-kl-mean-t21-plain-M5",
+    "row-strides",
+    "empty-batch",
+    "div-reverse_kl-arithmetic-mean-none-M3",
+    "div-jsd0.5-geometric-sum-plain-M3",
+    "num-items-pair",
+)
+OPCHECK_CASES = [c for c in sample_inputs(seed=2, small=True) if c.name in OPCHECK_NAMES]
 
 
 def op_args(case, dtype, requires_grad):
     student, teachers, labels = case.inputs(dtype)
     student.requires_grad_(requires_grad)
-    options = Options(**{k: v for k, v in case.kwargs.items() if k != "teacher_weights"})
-    problem = validate(student, teachers, labels, case.kwargs.get("teacher_weights"), options)
+    not_options = ("teacher_weights", "num_items_in_batch")
+    options = Options(**{k: v for k, v in case.kwargs.items() if k not in not_options})
+    weights, items = case.kwargs.get("teacher_weights"), case.kwargs.get("num_items_in_batch")
+    problem = validate(student, teachers, labels, weights, options, items)
     s, ts = kernel_dtypes(problem)
     return op_arguments(problem, s, ts, problem.weights)
 
 
 def test_opcheck_cases_were_found():
-    assert len(OPCHECK_CASES) == 5
+    assert sorted(c.name for c in OPCHECK_CASES) == sorted(OPCHECK_NAMES)
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.name)
@@ -71,7 +72,12 @@ def test_gradcheck_float64(reduction, ensemble):
         assert torch.autograd.gradcheck(loss, (student,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-def test_compiled_training_step_matches_eager():
+@pytest.mark.parametrize(
+    "divergence",
+    [{}, dict(soft_loss="reverse_kl"), dict(soft_loss="jsd", beta=0.3, num_items_in_batch=20)],
+    ids=["kl", "reverse_kl", "jsd-num_items"],
+)
+def test_compiled_training_step_matches_eager(divergence):
     """torch.compile(fullgraph=True) over a model's forward and the loss, backward through it."""
     torch.manual_seed(0)
     n, d, c = 32, 16, 50
@@ -84,7 +90,13 @@ def test_compiled_training_step_matches_eager():
 
     def step(model, x, teacher, labels):
         return kd.distillation_loss(
-            model(x), teacher, labels, temperature=3.0, backend="cpu", ensemble="arithmetic"
+            model(x),
+            teacher,
+            labels,
+            temperature=3.0,
+            backend="cpu",
+            ensemble="arithmetic",
+            **divergence,
         )
 
     compiled = torch.compile(step, fullgraph=True)
