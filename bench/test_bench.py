@@ -19,10 +19,13 @@ CASES = GRIDS[os.environ.get("KDKERNELS_BENCH_GRID", "quick")]
 DEVICE = os.environ.get("KDKERNELS_BENCH_DEVICE", "cpu")
 
 
-@pytest.mark.parametrize("provider", list(providers(DEVICE)))
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    ("case", "provider"),
+    [(case, name) for case in CASES for name in providers(DEVICE, case)],
+    ids=lambda x: x if isinstance(x, str) else x.name,
+)
 def test_provider(benchmark, case, provider):
-    fn = providers(DEVICE)[provider]
+    fn = providers(DEVICE, case)[provider]
     student, teachers, labels = case.inputs(DEVICE)
     student.requires_grad_(case.backward)
 

@@ -10,6 +10,9 @@ namespace kd {
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 enum class Ensemble : int32_t { kGeometric = 0, kArithmetic = 1 };
 enum class SoftLoss : int32_t { kKL = 0, kCrossEntropy = 1, kReverseKL = 2, kJSD = 3 };
+// The soft_loss option's names in code order: the binding's SOFT_LOSS_CODES are built from it.
+constexpr const char* kSoftLossNames[] = {"kl", "cross_entropy", "reverse_kl", "jsd"};
+constexpr int32_t kNumSoftLosses = sizeof(kSoftLossNames) / sizeof(kSoftLossNames[0]);
 enum class Reduction : int32_t { kMean = 0, kSum = 1, kNone = 2 };
 
 // Teachers are passed as pointers, so an ensemble is never stacked; the array is fixed so the

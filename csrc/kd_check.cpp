@@ -35,7 +35,8 @@ const char* check_args(const KDArgs& a) {
   }
   if (std::fabs(weight_sum - 1.0) > 1e-4) return "teacher weights must sum to 1";
   if (static_cast<uint32_t>(a.ensemble) > 1u) return "ensemble code out of range";
-  if (static_cast<uint32_t>(a.soft_loss) > 3u) return "soft_loss code out of range";
+  if (static_cast<uint32_t>(a.soft_loss) >= static_cast<uint32_t>(kNumSoftLosses))
+    return "soft_loss code out of range";
   if (!(a.beta >= 0.0 && a.beta <= 1.0)) return "beta must be in [0, 1]";
   if (static_cast<uint32_t>(a.reduction) > 2u) return "reduction code out of range";
   if (a.num_threads < 1) return "num_threads must be >= 1";

@@ -340,7 +340,7 @@ struct RowPass {
 // (see geometric_diff), with the largest finite |D|; an arithmetic member's (max, sum) goes
 // to member_stats. Fills every statistic of `r`.
 template <typename S, typename Tt, int kGroup, int V>
-__device__ void row_statistics(const KDArgs& a, bool soft, int cluster, int64_t first, int64_t step,
+__device__ __forceinline__ void row_statistics(const KDArgs& a, bool soft, int cluster, int64_t first, int64_t step,
                                int64_t span_end, S* s_cache, float* diff_cache, Tt* t_cache,
                                float* member_stats, float* scratch, float* slots, RowPass<S, Tt>& r) {
   const int rank = threadIdx.x % kGroup;
@@ -412,14 +412,15 @@ __device__ void row_statistics(const KDArgs& a, bool soft, int cluster, int64_t 
 // log p_j of an arithmetic ensemble in log space, for a class where every member's share
 // underflowed (p rounds to 0 but log p, which reverse KL needs, is finite); -inf only where every
 // member's logit is -inf. o: the class's position in the row copy.
-template <typename S, typename Tt>
-__device__ float arithmetic_log_p(const KDArgs& a, const RowPass<S, Tt>& r, int64_t j, int64_t o) {
+template <typename Tt>
+__device__ __forceinline__ float arithmetic_log_p(const KDArgs& a, const Tt* t_cache, const float* member_stats,
+                                  int64_t span_len, int64_t row, float inv_t, int64_t j, int64_t o) {
   float top = kNegInf, sum = 0.f;
   for (int m = 0; m < a.num_teachers; ++m) {
     const float w = static_cast<float>(a.teacher_weights[m]);
     if (w == 0.f) continue;
-    const float t = to_f(r.t_cache ? r.t_cache[m * r.span_len + o] : teacher_row<Tt>(a, m, r.row)[j]);
-    const float lp = (t - r.member_stats[2 * m]) * r.inv_t + __logf(w / r.member_stats[2 * m + 1]);
+    const float t = to_f(t_cache ? t_cache[m * span_len + o] : teacher_row<Tt>(a, m, row)[j]);
+    const float lp = (t - member_stats[2 * m]) * inv_t + __logf(w / member_stats[2 * m + 1]);
     if (lp > top) {
       sum = sum * __expf(top - lp) + 1.f;
       top = lp;
@@ -468,7 +469,9 @@ __device__ __forceinline__ void soft_inputs(const KDArgs& a, const RowPass<S, Tt
     }
     KD_UNROLL
     for (int k = 0; k < V; ++k) {
-      log_p[k] = p[k] > 0.f ? __logf(p[k]) : arithmetic_log_p(a, r, j + k, o + k);
+      log_p[k] = p[k] > 0.f ? __logf(p[k])
+                            : arithmetic_log_p(a, r.t_cache, r.member_stats, r.span_len, r.row, r.inv_t,
+                                               j + k, o + k);
       d[k] = log_p[k] - log_q[k];
     }
   }
@@ -553,8 +556,9 @@ __global__ void __launch_bounds__(kThreads)
   });
   const float cs = role.soft ? static_cast<float>(scales.soft_grad) : 0.f;
   const float ch = role.hard ? static_cast<float>(scales.hard_grad) : 0.f;
-  auto hard_part = [&](float s, int64_t j) {
-    return role.hard ? ch * (__expf(s - r.m_s - r.log_ls) - (j == label ? 1.f : 0.f)) : 0.f;
+  // Captures by value: a reference to `r` would give it an address, and a stack frame.
+  auto hard_part = [ch, hard = role.hard, m_s = r.m_s, log_ls = r.log_ls, label](float s, int64_t j) {
+    return hard ? ch * (__expf(s - m_s - log_ls) - (j == label ? 1.f : 0.f)) : 0.f;
   };
   float soft_sum = 0.f, qa_sum = 0.f;
   for (int64_t j = first; j < span.end; j += step) {

@@ -437,6 +437,11 @@ def soft_loss_code(soft_loss: str, beta: float | None) -> int:
 _SOFT_LOSS_CODES = {"kl": 0, "cross_entropy": 1, "reverse_kl": 2, "jsd": 3}
 
 
+def row_sum_gradient(code: int) -> bool:
+    """Whether the divergence's gradient needs its row sum first (kd_row_math.h): a pass 3."""
+    return code in (_SOFT_LOSS_CODES["reverse_kl"], _SOFT_LOSS_CODES["jsd"])
+
+
 def launch_config(c: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK, num_warps) for rows of c classes."""
     limit = 4096 if device.type == "cuda" else 512  # the interpreter is slow on wide blocks
@@ -505,7 +510,7 @@ def _fused_kd_triton_impl(
             HAS_UNLABELED=o.unlabeled_index is not None,
             ARITHMETIC=o.ensemble == "arithmetic" and m > 1,  # one member: the same p
             SOFT_LOSS=soft_loss,
-            ROW_SUM_GRADIENT=soft_loss >= 2,
+            ROW_SUM_GRADIENT=row_sum_gradient(soft_loss),
             DEVICE_COUNTS=device_counts,
             COMPUTE_GRAD=o.compute_grad,
             BLOCK=block,

@@ -109,9 +109,9 @@ PYBIND11_MODULE(_C, m) {
                                    "bfloat16"_a = int(kd::DType::kBFloat16), "float64"_a = int(kd::DType::kFloat64));
   m.attr("ENSEMBLE_CODES") =
       py::dict("geometric"_a = int(kd::Ensemble::kGeometric), "arithmetic"_a = int(kd::Ensemble::kArithmetic));
-  m.attr("SOFT_LOSS_CODES") =
-      py::dict("kl"_a = int(kd::SoftLoss::kKL), "cross_entropy"_a = int(kd::SoftLoss::kCrossEntropy),
-               "reverse_kl"_a = int(kd::SoftLoss::kReverseKL), "jsd"_a = int(kd::SoftLoss::kJSD));
+  py::dict soft_losses;
+  for (int32_t code = 0; code < kd::kNumSoftLosses; ++code) soft_losses[kd::kSoftLossNames[code]] = code;
+  m.attr("SOFT_LOSS_CODES") = soft_losses;
   m.attr("REDUCTION_CODES") = py::dict("mean"_a = int(kd::Reduction::kMean), "sum"_a = int(kd::Reduction::kSum),
                                        "none"_a = int(kd::Reduction::kNone));
   m.attr("TEMPERATURE_RANGE") = py::make_tuple(kd::kMinTemperature, kd::kMaxTemperature);

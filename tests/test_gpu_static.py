@@ -18,6 +18,8 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import triton_aot  # noqa: E402
 
+from kdkernels import _triton as kt  # noqa: E402
+
 pytest.importorskip("triton", reason="the triton extra is not installed")
 
 
@@ -48,7 +50,8 @@ def test_every_specialisation_compiles_for_sm80_and_sm90(compiled):
         teacher=set(triton_aot.DTYPES),
         block=set(triton_aot.block_sizes()),
         m=set(range(1, triton_aot.kt.MAX_TEACHERS + 1)),
-        **{flag: {False, True} for flag in ("arithmetic", "labels", "grad", "kl", "aligned")},
+        soft_loss=set(kt._SOFT_LOSS_CODES.values()),
+        **{flag: {False, True} for flag in ("arithmetic", "labels", "grad", "aligned")},
     )
     for axis, values in expected.items():
         assert {line[axis] for line in compiled} == values, axis
@@ -149,9 +152,10 @@ def test_cuda_packed_path_uses_128_bit_loads(cuda_binary):
 
 
 # Bytes of stack frame per thread (spilled registers and the local copies ptxas makes of the
-# teacher arrays a loop indexes dynamically), as the landed kernels had at most; a kernel past it
-# has started spilling.
-MAX_STACK_BYTES = 64
+# teacher arrays a loop indexes dynamically). ptxas gives the scalar (V = 1) block-row kernels 64
+# registers; they had 24-56 bytes before the divergence pass 3 and 48-80 with it (sm_80, sm_90).
+# A kernel past the bound spills more than that.
+MAX_STACK_BYTES = 96
 
 
 @needs_cuda_build

@@ -30,7 +30,8 @@ CONSTEXPRS = (
     "HAS_LABELS",
     "HAS_UNLABELED",
     "ARITHMETIC",
-    "KL",
+    "SOFT_LOSS",
+    "ROW_SUM_GRADIENT",
     "DEVICE_COUNTS",
     "COMPUTE_GRAD",
     "BLOCK",
@@ -61,11 +62,12 @@ def specialisations() -> list[dict]:
     the widest block runs every flag combination of the common case."""
     pairs = list(itertools.product(DTYPES, DTYPES))
     blocks = block_sizes()
-    flags = list(itertools.product([False, True], repeat=4))  # arithmetic, labels, grad, kl
+    flags = list(itertools.product([False, True], repeat=3))  # arithmetic, labels, grad
+    soft_losses = sorted(kt._SOFT_LOSS_CODES.values())
     specs = []
-    for i in range(max(len(pairs), len(blocks), len(flags))):
+    for i in range(max(len(pairs), len(blocks), len(flags), len(soft_losses))):
         student, teacher = pairs[i % len(pairs)]
-        arithmetic, labels, grad, kl = flags[i % len(flags)]
+        arithmetic, labels, grad = flags[i % len(flags)]
         specs.append(
             dict(
                 student=student,
@@ -76,7 +78,7 @@ def specialisations() -> list[dict]:
                 labels=labels,
                 unlabeled=labels and i % 3 == 0,
                 grad=grad,
-                kl=kl,
+                soft_loss=soft_losses[i % len(soft_losses)],
                 device_counts=labels and i % 2 == 0,
                 aligned=i % 2 == 0,
             )
@@ -97,7 +99,7 @@ def compile_one(spec: dict, arch: int):
             signature[name] = "*i64"
         elif name in ("COUNTS", "LOSS"):
             signature[name] = "*fp32"
-        elif re.fullmatch(r"w\d", name) or name in ("inv_t", "soft_scale", "hard_scale"):
+        elif re.fullmatch(r"w\d", name) or name in ("inv_t", "soft_scale", "hard_scale", "beta"):
             signature[name] = "fp32"
         elif name in CONSTEXPRS:
             signature[name] = "constexpr"
@@ -108,7 +110,8 @@ def compile_one(spec: dict, arch: int):
         HAS_LABELS=spec["labels"],
         HAS_UNLABELED=spec["unlabeled"],
         ARITHMETIC=spec["arithmetic"],
-        KL=spec["kl"],
+        SOFT_LOSS=spec["soft_loss"],
+        ROW_SUM_GRADIENT=kt.row_sum_gradient(spec["soft_loss"]),
         DEVICE_COUNTS=spec["device_counts"],
         COMPUTE_GRAD=spec["grad"],
         BLOCK=spec["block"],

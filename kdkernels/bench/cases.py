@@ -3,6 +3,8 @@ timed (eager PyTorch, torch.compile, each kdkernels backend present, Liger on a 
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ from ..reference import kd_loss_reference
 
 TEMPERATURE, SOFT_WEIGHT, HARD_WEIGHT = 4.0, 0.9, 0.1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DIVERGENCES = {"kl": None, "reverse_kl": None, "jsd": 0.5}  # soft_loss: beta
 
 
 @dataclass(frozen=True)
@@ -26,11 +29,25 @@ class Case:
     m: int = 1
     dtype: str = "float32"
     backward: bool = True
+    soft_loss: str = "kl"  # a key of DIVERGENCES
 
     @property
     def name(self) -> str:
         mode = "fwd+bwd" if self.backward else "fwd"
-        return f"N={self.n} C={self.c} M={self.m} {self.dtype} {mode}"
+        divergence = "" if self.soft_loss == "kl" else f" {self.soft_loss}"
+        return f"N={self.n} C={self.c} M={self.m} {self.dtype} {mode}{divergence}"
+
+    def options(self) -> dict:
+        """The loss options of the case, as distillation_loss takes them."""
+        beta = DIVERGENCES[self.soft_loss]
+        divergence = {} if beta is None else {"beta": beta}
+        return dict(
+            temperature=TEMPERATURE,
+            soft_weight=SOFT_WEIGHT,
+            hard_weight=HARD_WEIGHT,
+            soft_loss=self.soft_loss,
+            **divergence,
+        )
 
     def minimal_bytes(self) -> int:
         """Read the student and the M teachers once; write the gradient once (if backward)."""
@@ -65,6 +82,10 @@ GRIDS: dict[str, list[Case]] = {
         Case(2048, 32000, m=4, dtype="bfloat16"),
         Case(65536, 10, dtype="bfloat16"),
     ],
+    # The cost of each divergence against forward KL, long rows and classifier rows.
+    "divergences": [
+        Case(n, c, soft_loss=d) for n, c in ((2048, 32000), (256, 1000)) for d in DIVERGENCES
+    ],
 }
 
 
@@ -80,30 +101,36 @@ def estimated_bytes(case: Case, provider: str) -> int:
     return int(inputs + case.n * case.c * 4 * _WORKING_SET.get(provider, 1.0))
 
 
-def eager_kd_loss(student: Tensor, teachers: Tensor, labels: Tensor) -> Tensor:
+def _eager_divergence(log_q: Tensor, log_p: Tensor, soft_loss: str) -> Tensor:
+    """Each divergence the way users write it: F.kl_div (whose kl_div(a, b) is KL(b || a)),
+    and the generalised JSD as TRL's GKD trainer does."""
+
+    def kl(log_target: Tensor, log_input: Tensor) -> Tensor:  # KL(target || input)
+        return F.kl_div(log_input, log_target, log_target=True, reduction="batchmean")
+
+    if soft_loss == "kl":
+        return kl(log_p, log_q)
+    if soft_loss == "reverse_kl":
+        return kl(log_q, log_p)
+    beta = DIVERGENCES[soft_loss]
+    log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - beta), log_p + math.log(beta)]), 0)
+    return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+
+
+def eager_kd_loss(student: Tensor, teachers: Tensor, labels: Tensor, soft_loss: str = "kl"):
     """The distillation loss the way users write it in PyTorch (one teacher, or the geometric
     mean of an ensemble: the softmax of the mean logits)."""
     s = student.float()
     t = teachers[0].float() if teachers.shape[0] == 1 else teachers.float().mean(0)
-    soft = F.kl_div(
-        F.log_softmax(s / TEMPERATURE, -1),
-        F.log_softmax(t / TEMPERATURE, -1),
-        log_target=True,
-        reduction="batchmean",
-    )
+    log_q, log_p = F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1)
+    soft = _eager_divergence(log_q, log_p, soft_loss)
     return SOFT_WEIGHT * TEMPERATURE**2 * soft + HARD_WEIGHT * F.cross_entropy(s, labels)
 
 
-def _kdkernels_provider(backend: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+def _kdkernels_provider(backend: str, case: Case) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     def loss(student: Tensor, teachers: Tensor, labels: Tensor) -> Tensor:
         return kdkernels.distillation_loss(
-            student,
-            teachers,
-            labels,
-            temperature=TEMPERATURE,
-            soft_weight=SOFT_WEIGHT,
-            hard_weight=HARD_WEIGHT,
-            backend=backend,
+            student, teachers, labels, backend=backend, **case.options()
         )
 
     return loss
@@ -112,18 +139,26 @@ def _kdkernels_provider(backend: str) -> Callable[[Tensor, Tensor, Tensor], Tens
 _compiled: dict[str, Callable] = {}
 
 
-def providers(device: str = "cpu") -> dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]]:
-    """Every provider that can run here on `device`: eager, compile, and each kdkernels backend."""
-    if "compile" not in _compiled:
-        _compiled["compile"] = torch.compile(eager_kd_loss)
-    found = {"eager": eager_kd_loss, "compile": _compiled["compile"]}
+def providers(
+    device: str = "cpu", case: Case | None = None
+) -> dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    """Every provider that can run here on `device` for `case`'s loss options: eager, compile,
+    each kdkernels backend, and Liger on a GPU (forward KL only)."""
+    case = case or Case(1, 1)
+    soft_loss = case.soft_loss
+    if soft_loss not in _compiled:
+        _compiled[soft_loss] = torch.compile(functools.partial(eager_kd_loss, soft_loss=soft_loss))
+    found = {
+        "eager": functools.partial(eager_kd_loss, soft_loss=soft_loss),
+        "compile": _compiled[soft_loss],
+    }
     # Each kernel on its own device (the first it serves: Triton on CPU is the test interpreter).
     for name, backend in REGISTRY.items():
         # auto=False marks test tools (the CUDA emulator): correct, but not worth timing.
         timed = backend.kernel and backend.auto and backend.devices[0] == device
         if timed and missing(name) is None:
-            found[f"kdkernels-{name}"] = _kdkernels_provider(name)
-    if device == "cuda":
+            found[f"kdkernels-{name}"] = _kdkernels_provider(name, case)
+    if device == "cuda" and soft_loss == "kl":
         liger = _liger_provider()
         if liger is not None:
             found["liger"] = liger
@@ -152,4 +187,4 @@ def _liger_provider() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
 
 def reference_loss(case: Case) -> float:
     student, teachers, labels = case.inputs("cpu")
-    return float(kd_loss_reference(student.double(), teachers.double(), labels))
+    return float(kd_loss_reference(student.double(), teachers.double(), labels, **case.options()))

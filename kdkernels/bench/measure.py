@@ -93,7 +93,7 @@ def _rss_kb(field: str) -> int:
 
 def child_peak_memory(provider: str, case_json: str) -> None:
     case = Case(**json.loads(case_json))
-    fn = providers("cpu")[provider]
+    fn = providers("cpu", case)[provider]
     student, teachers, labels = case.inputs("cpu")
     student.requires_grad_(case.backward)
 
@@ -138,7 +138,6 @@ def run(
     """Time every provider on every case; ratios are within one case, measured back to back.
     A provider whose estimated working set would not fit in this machine's memory is skipped,
     with a note saying so."""
-    names = list(providers(device))
     try:
         from tqdm import tqdm
     except ImportError:  # the bench extra brings tqdm; without it, no progress bar
@@ -147,7 +146,7 @@ def run(
             return it
 
     rows: list[Row] = []
-    steps = [(case, name) for case in cases for name in names]
+    steps = [(case, name) for case in cases for name in providers(device, case)]
     bar = tqdm(steps, desc="kdkernels bench", disable=not progress, leave=False)
     floors: dict[Case, float] = {}
     refs: dict[Case, float] = {}
@@ -166,7 +165,7 @@ def run(
             floors[case] = case.minimal_bytes() / copy_bandwidth(case, device)
             small = case.n * case.c * (1 + case.m) <= 2**29  # the float64 reference fits
             refs[case] = reference_loss(case) if small else float("nan")
-        seconds, loss = time_provider(providers(device)[name], case, device, repeats)
+        seconds, loss = time_provider(providers(device, case)[name], case, device, repeats)
         row = Row(case.name, name, seconds * 1e3, loss, refs[case])
         row.gbps = case.minimal_bytes() / seconds / 1e9
         row.floor_ms = floors[case] * 1e3
