@@ -138,24 +138,21 @@ if triton is not None:
         return diff
 
     @triton.jit
+    def _member_log_share(row_in, m: tl.constexpr, cols, mask, inv_t, member_max, member_sum):
+        """log(w_m softmax(t_m / T)) over one block: member m's share of the arithmetic mean."""
+        _, teachers, strides, weights, row = row_in
+        lane = tl.arange(0, _SLOTS)
+        t = tl.load(teachers[m] + row * strides[m] + cols, mask=mask, other=float("-inf"))
+        mt = tl.max(tl.where(lane == m, member_max, float("-inf")), 0)
+        lt = tl.sum(tl.where(lane == m, member_sum, 0.0), 0)
+        return (t.to(tl.float32) - mt) * inv_t + tl.log(weights[m] / lt)
+
+    @triton.jit
     def _soft_inputs(
-        S,
-        teachers,
-        strides,
-        weights,
-        row,
+        row_in,
+        stats,
         cols,
         mask,
-        inv_t,
-        m_s,
-        log_lu,
-        m_z,
-        log_lz,
-        s_ref,
-        d_const,
-        use_diff,
-        member_max,
-        member_sum,
         M: tl.constexpr,
         ARITHMETIC: tl.constexpr,
         LOG_SPACE: tl.constexpr,
@@ -163,34 +160,28 @@ if triton is not None:
         """One block of a row as the soft term sees it: (s, log q, p, log p, d) with
         d = log p - log q formed where it keeps its digits (geometric: D / T + d_const).
         LOG_SPACE (reverse KL, which needs q log p): an arithmetic mixture whose every share
-        underflowed gets its log p in log space, finite, instead of log 0."""
+        underflowed gets its log p in log space, finite, instead of log 0.
+        row_in = (S, teachers, strides, weights, row): where the row is; stats = (inv_t, m_s,
+        log_lu, m_z, log_lz, s_ref, d_const, use_diff, member_max, member_sum): pass 1's."""
+        S, teachers, strides, weights, row = row_in
+        inv_t, m_s, log_lu, m_z, log_lz, s_ref, d_const, use_diff, member_max, member_sum = stats
         neg_inf = float("-inf")
         s = tl.load(S + cols, mask=mask, other=neg_inf).to(tl.float32)
         log_q = (s - m_s) * inv_t - log_lu
         if ARITHMETIC:
-            lane = tl.arange(0, _SLOTS)
             p = tl.zeros(cols.shape, tl.float32)
             for m in tl.static_range(M):
-                t_row = teachers[m] + row * strides[m]
-                t = tl.load(t_row + cols, mask=mask, other=neg_inf).to(tl.float32)
-                mt = tl.max(tl.where(lane == m, member_max, neg_inf), 0)
-                lt = tl.sum(tl.where(lane == m, member_sum, 0.0), 0)
-                p += (weights[m] / lt) * tl.exp((t - mt) * inv_t)
+                p += tl.exp(_member_log_share(row_in, m, cols, mask, inv_t, member_max, member_sum))
             log_p = tl.log(p)
             if LOG_SPACE:
                 top = tl.full(cols.shape, neg_inf, tl.float32)
                 for m in tl.static_range(M):
-                    t = tl.load(teachers[m] + row * strides[m] + cols, mask=mask, other=neg_inf)
-                    mt = tl.max(tl.where(lane == m, member_max, neg_inf), 0)
-                    lt = tl.sum(tl.where(lane == m, member_sum, 0.0), 0)
-                    top = tl.maximum(top, (t.to(tl.float32) - mt) * inv_t + tl.log(weights[m] / lt))
+                    lp = _member_log_share(row_in, m, cols, mask, inv_t, member_max, member_sum)
+                    top = tl.maximum(top, lp)
                 top_safe = tl.where(top == neg_inf, 0.0, top)
                 total = tl.zeros(cols.shape, tl.float32)
                 for m in tl.static_range(M):
-                    t = tl.load(teachers[m] + row * strides[m] + cols, mask=mask, other=neg_inf)
-                    mt = tl.max(tl.where(lane == m, member_max, neg_inf), 0)
-                    lt = tl.sum(tl.where(lane == m, member_sum, 0.0), 0)
-                    lp = (t.to(tl.float32) - mt) * inv_t + tl.log(weights[m] / lt)
+                    lp = _member_log_share(row_in, m, cols, mask, inv_t, member_max, member_sum)
                     total += tl.exp(lp - top_safe)
                 log_p = tl.where(p > 0.0, log_p, top_safe + tl.log(total))
             d = log_p - log_q
@@ -209,6 +200,31 @@ if triton is not None:
         """The hard term's gradient over one block: hard_coef (r - onehot(y))."""
         r = tl.exp(s - m_s - log_ls)
         return tl.where(in_hard, hard_coef * (r - tl.where(cols == y, 1.0, 0.0)), 0.0)
+
+    @triton.jit
+    def _soft_block(
+        row_in,
+        stats,
+        cols,
+        mask,
+        beta,
+        M: tl.constexpr,
+        ARITHMETIC: tl.constexpr,
+        SOFT_LOSS: tl.constexpr,
+    ):
+        """(s, q, p, term, a, qa) over one block: _soft_inputs, then _soft_element."""
+        log_space = SOFT_LOSS == 2  # reverse KL: q log p
+        s, log_q, p, log_p, d = _soft_inputs(row_in, stats, cols, mask, M, ARITHMETIC, log_space)
+        q = tl.exp(log_q)
+        term, a, qa = _soft_element(p, log_p, d, q, log_q, beta, SOFT_LOSS)
+        return s, q, p, term, a, qa
+
+    @triton.jit
+    def _write_grad(G, cols, mask, soft_g, hard_g, in_soft, bad):
+        """Store one block of the gradient: the soft part in soft rows, NaN in bad rows."""
+        g = tl.where(in_soft, soft_g, 0.0) + hard_g
+        g = tl.where(bad, float("nan"), g)
+        tl.store(G + cols, g.to(G.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _kd_fwd_kernel(
@@ -344,75 +360,43 @@ if triton is not None:
             use_diff = diff_max * inv_t <= 64.0
 
             # Pass 2: the soft term (and its row sum A), and the gradient unless it needs A.
+            row_in = (S, teachers, strides, weights, row)
+            stats = (
+                inv_t,
+                m_s,
+                log_lu,
+                m_z,
+                log_lz,
+                s_ref,
+                d_const,
+                use_diff,
+                member_max,
+                member_sum,
+            )
             soft_sum = tl.zeros((), tl.float32)
             qa_sum = tl.zeros((), tl.float32)
             for start in range(0, C, BLOCK):
                 cols = start + offs
                 mask = cols < C
-                s, log_q, p, log_p, d = _soft_inputs(
-                    S,
-                    teachers,
-                    strides,
-                    weights,
-                    row,
-                    cols,
-                    mask,
-                    inv_t,
-                    m_s,
-                    log_lu,
-                    m_z,
-                    log_lz,
-                    s_ref,
-                    d_const,
-                    use_diff,
-                    member_max,
-                    member_sum,
-                    M,
-                    ARITHMETIC,
-                    SOFT_LOSS == 2,
+                s, q, p, term, a, qa = _soft_block(
+                    row_in, stats, cols, mask, beta, M, ARITHMETIC, SOFT_LOSS
                 )
-                q = tl.exp(log_q)
-                term, a, qa = _soft_element(p, log_p, d, q, log_q, beta, SOFT_LOSS)
                 soft_sum += tl.sum(tl.where(mask, term, 0.0), 0)
                 qa_sum += tl.sum(tl.where(mask, qa, 0.0), 0)
                 if COMPUTE_GRAD and not ROW_SUM_GRADIENT:
-                    g = tl.where(in_soft, soft_coef * inv_t * (q - p), 0.0)
-                    g += _hard_grad(s, m_s, log_ls, cols, y, in_hard, hard_coef)
-                    g = tl.where(bad, float("nan"), g)
-                    tl.store(G + cols, g.to(G.dtype.element_ty), mask=mask)
+                    hard_g = _hard_grad(s, m_s, log_ls, cols, y, in_hard, hard_coef)
+                    soft_g = soft_coef * inv_t * (q - p)
+                    _write_grad(G, cols, mask, soft_g, hard_g, in_soft, bad)
             if COMPUTE_GRAD and ROW_SUM_GRADIENT:  # pass 3: g = q (a - A), once A is known
                 for start in range(0, C, BLOCK):
                     cols = start + offs
                     mask = cols < C
-                    s, log_q, p, log_p, d = _soft_inputs(
-                        S,
-                        teachers,
-                        strides,
-                        weights,
-                        row,
-                        cols,
-                        mask,
-                        inv_t,
-                        m_s,
-                        log_lu,
-                        m_z,
-                        log_lz,
-                        s_ref,
-                        d_const,
-                        use_diff,
-                        member_max,
-                        member_sum,
-                        M,
-                        ARITHMETIC,
-                        SOFT_LOSS == 2,
+                    s, q, p, term, a, qa = _soft_block(
+                        row_in, stats, cols, mask, beta, M, ARITHMETIC, SOFT_LOSS
                     )
-                    q = tl.exp(log_q)
-                    term, a, qa = _soft_element(p, log_p, d, q, log_q, beta, SOFT_LOSS)
+                    hard_g = _hard_grad(s, m_s, log_ls, cols, y, in_hard, hard_coef)
                     soft_g = tl.where(q == 0.0, 0.0, soft_coef * inv_t * q * (a - qa_sum))
-                    g = tl.where(in_soft, soft_g, 0.0)
-                    g += _hard_grad(s, m_s, log_ls, cols, y, in_hard, hard_coef)
-                    g = tl.where(bad, float("nan"), g)
-                    tl.store(G + cols, g.to(G.dtype.element_ty), mask=mask)
+                    _write_grad(G, cols, mask, soft_g, hard_g, in_soft, bad)
 
             y_safe = tl.where(in_hard & ~bad, y, 0)
             hard = (m_s - tl.load(S + y_safe).to(tl.float32)) + log_ls
