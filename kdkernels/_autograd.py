@@ -50,10 +50,29 @@ def _is_broadcast_one(grad_row_loss: Tensor) -> bool:
     return float(grad_row_loss[0]) == 1.0
 
 
+_SCALED_ALREADY = (
+    "kdkernels: this distillation loss was differentiated before, and that backward pass scaled "
+    "the gradient it saved in place (so that backward allocates nothing [N, C]-sized), or the "
+    "gradient was modified since (an in-place op on .grad). To differentiate the same graph "
+    "more than once (retain_graph=True, gradcheck, Jacobians), run every backward through it, "
+    "the first included, inside `with kdkernels.allow_repeated_backward():`."
+)
+
+
+def _saved_gradient(ctx) -> Tensor:
+    try:
+        (grad,) = ctx.saved_tensors
+    except RuntimeError as error:  # autograd's version check: say what happened and what to do
+        if "modified by an inplace operation" not in str(error):
+            raise
+        raise RuntimeError(_SCALED_ALREADY) from None
+    return grad
+
+
 def _backward(ctx, grad_row_loss: Tensor | None, _unused: Tensor | None):
     if torch.is_grad_enabled():
         raise RuntimeError("kdkernels: double backward (create_graph=True) is not supported")
-    (grad,) = ctx.saved_tensors
+    grad = _saved_gradient(ctx)
     no_grads = ctx.teacher_grads
     if grad_row_loss is None:  # the loss itself received no gradient
         return (None, no_grads) + (None,) * (3 + len(OpOptions._fields))
@@ -63,11 +82,10 @@ def _backward(ctx, grad_row_loss: Tensor | None, _unused: Tensor | None):
         # Under allow_repeated_backward() too, which keeps the saved gradient intact.
         return (grad * scale, no_grads) + (None,) * (3 + len(OpOptions._fields))
     # Eager: the saved gradient is ours alone, so scale it in place (no new [N, C] buffer), or
-    # not at all for loss.backward() on a CPU mean/sum. Either way its version moves on, so a
-    # second backward through this graph (retain_graph=True) raises instead of being wrong.
-    if grad.device.type == "cpu" and _is_broadcast_one(grad_row_loss):
-        torch.autograd.graph.increment_version(grad)
-    else:
+    # not at all for loss.backward() on a CPU mean/sum. Scaling moves its version on, so a later
+    # backward through this graph (retain_graph=True) raises _SCALED_ALREADY instead of being
+    # wrong; left unscaled it is still right for a later backward.
+    if not (grad.device.type == "cpu" and _is_broadcast_one(grad_row_loss)):
         grad.mul_(scale)
     return (grad, no_grads) + (None,) * (3 + len(OpOptions._fields))
 

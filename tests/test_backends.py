@@ -115,13 +115,30 @@ def test_teacher_that_requires_grad_warns_and_gets_none():
     assert teacher.grad is None and student.grad is not None
 
 
-def test_second_backward_through_same_graph_raises():
-    """The saved gradient is scaled in place; a second backward must fail loudly, not be wrong."""
+def test_second_backward_after_an_in_place_scaling_says_what_to_do():
+    """The saved gradient is scaled in place; a second backward must fail loudly, not be wrong,
+    with an error that names kdkernels and the fix."""
+    student = torch.randn(8, 16, requires_grad=True)
+    loss = kd.distillation_loss(student, torch.randn(8, 16), backend="cpu")
+    (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"kdkernels: .*allow_repeated_backward\(\)"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_second_backward_after_an_unscaled_one_is_right(wrapped):
+    """loss.backward() on a CPU mean leaves the saved gradient as it is: a second backward
+    (wrapped in allow_repeated_backward or not) gives the right gradient, accumulated."""
     student = torch.randn(8, 16, requires_grad=True)
     loss = kd.distillation_loss(student, torch.randn(8, 16), backend="cpu")
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    once = student.grad.clone()
+    if wrapped:
+        with kd.allow_repeated_backward():
+            loss.backward()
+    else:
         loss.backward()
+    torch.testing.assert_close(student.grad, 2 * once)
 
 
 def test_allow_repeated_backward_keeps_the_saved_gradient():
