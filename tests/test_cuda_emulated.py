@@ -8,12 +8,12 @@ and the exact rounding of the GPU's fast exp/log (the emulator uses the host's e
 
 import pytest
 import torch
+from kernel_args import raw_kernel_args
 
 import kdkernels as kd
 from kdkernels import _emulated
 from kdkernels.testing import (
     assert_matches_reference,
-    raw_kernel_args,
     rel_error,
     run_against_reference,
     sample_inputs,

@@ -211,7 +211,7 @@ def test_temperature_range(backend):
 
 
 def test_temperature_range_is_the_kernels():
-    from kdkernels.testing import raw_kernel_args
+    from kernel_args import raw_kernel_args
 
     low, high = kd.TEMPERATURE_RANGE
     for t, ok in ((low, True), (high, True), (low * 0.99, False), (high * 1.01, False)):

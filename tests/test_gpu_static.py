@@ -11,14 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import triton_aot  # a helper beside the tests (conftest puts this folder on sys.path)
 
 from kdkernels import _C
+from kdkernels import _triton as kt
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-import triton_aot  # noqa: E402
-
-from kdkernels import _triton as kt  # noqa: E402
 
 pytest.importorskip("triton", reason="the triton extra is not installed")
 

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from kernel_args import raw_kernel_args
 
 import kdkernels as kd
 from kdkernels import _C
-from kdkernels.testing import raw_kernel_args
 
 N, C = 4, 10
 
