@@ -8,6 +8,7 @@
 // This file is compiled once per instruction set (baseline, AVX2, AVX-512 on x86-64), each into
 // its own namespace kd::<isa>; kd_cpu.cpp picks one at run time.
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -323,17 +324,19 @@ void grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc p_scale, Ac
   }
 }
 
-// Pass 3 of a row_sum_gradient divergence: g_j = q_scale e_u (a_j - A) + r_scale e_s, with a in
-// the teacher buffer (soft_terms wrote it there); q = 0 contributes 0 even where a is infinite.
-template <typename S, typename Acc>
+// Pass 3 of a row_sum_gradient divergence: g_j = q_scale e_u (a_j - A) + r_scale e_s, with
+// a = Div::a_of(d) from the d that soft_terms left in the teacher buffer (storing d, not a, keeps
+// soft_terms' loop small enough for GCC to vectorise with JSD); q = 0 contributes 0 even where a
+// is infinite.
+template <typename Div, typename S, typename Acc>
 void row_sum_grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc row_sum, Acc r_scale,
-                       S* __restrict__ grad) {
+                       Acc beta, S* __restrict__ grad) {
   const Acc* __restrict__ s = b.s;
-  const Acc* __restrict__ a = b.z;
+  const Acc* __restrict__ d = b.z;
   const Acc* __restrict__ u = b.u;
 #pragma omp simd
   for (int64_t j = 0; j < C; ++j) {
-    Acc g = weighted_or_zero(q_scale * u[j], a[j] - row_sum);
+    Acc g = weighted_or_zero(q_scale * u[j], Div::a_of(d[j], beta) - row_sum);
     if (r_scale != Acc(0)) g += r_scale * s[j];
     grad[j] = from_acc<S>(g);
   }
@@ -351,12 +354,12 @@ struct SoftSums {
 // It re-reads the row's inputs (still in cache) and forms d = log p - log q where it keeps its
 // digits: for the geometric mean from D = sum_m w_m (t_m - s), exact where the student is near
 // its teachers (the Triton and CUDA kernels do the same in every row). m_s, log_lu, m_z,
-// log_lz: the exponential pass's row statistics; scratch: C values; a_out (or null): each
-// class's `a` for the gradient pass of a row_sum_gradient divergence.
+// log_lz: the exponential pass's row statistics; scratch: C values; d_out (or null): each
+// class's d = log p - log q for the gradient pass of a row_sum_gradient divergence.
 template <typename Div, typename S, typename Tt, typename Acc>
 [[gnu::noinline]] SoftSums<Acc> soft_terms(const KDArgs& a, int64_t i, Acc m_s, Acc log_lu,
                                            Acc m_z, Acc log_lz, Acc* __restrict__ scratch,
-                                           Acc* __restrict__ a_out) {
+                                           Acc* __restrict__ d_out) {
   const int64_t C = a.num_classes;
   const Acc inv_t = Acc(1) / static_cast<Acc>(a.temperature), beta = static_cast<Acc>(a.beta);
   const S* __restrict__ s = static_cast<const S*>(a.student) + i * a.student_row_stride;
@@ -409,8 +412,9 @@ template <typename Div, typename S, typename Tt, typename Acc>
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j) scratch[j] += c * fast_exp((in(t[j]) - mt) * inv_t);
     }
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) scratch[j] = fast_log(scratch[j]);
     for (int64_t j = 0; j < C; ++j) {
-      scratch[j] = std::log(scratch[j]);
       // Every member's share underflowed (below e^-87): log p in log space, where reverse KL
       // needs it (q log p); -inf only where every member's logit is -inf.
       if (scratch[j] == -std::numeric_limits<Acc>::infinity()) {
@@ -426,28 +430,43 @@ template <typename Div, typename S, typename Tt, typename Acc>
   }
   const Acc d_const = (m_s - ref_sum) * inv_t - m_z - log_lz + log_lu;
   const bool use_diff = diff_max * inv_t <= Acc(64);
-  // Lane accumulators, as in exp_pass: a plain vector loop with no reduction across lanes.
+  // Lane accumulators, as in exp_pass: a plain vector loop with no reduction across lanes, one
+  // loop per ensemble kind and per output, so that each stays branch-free.
   Lanes<Acc> term(0), qa(0);
   const Acc* __restrict__ buf = scratch;
-  for_lanes(C, [&](int64_t j, int64_t k) {
+  // (log p, log q, d) of class j, d = log p - log q where it keeps its digits.
+  auto log_ratio = [&](int64_t j, auto geometric_kind) __attribute__((always_inline)) {
     const Acc sj = in(s[j]);
     const Acc log_q = (sj - m_s) * inv_t - log_lu;
-    Acc log_p, d;
-    if (geometric) {
+    if constexpr (decltype(geometric_kind)::value) {
       const bool sf = finite(sj);
-      log_p = (buf[j] + ((sf ? sj : ref_sum) - ref_sum)) * inv_t - m_z - log_lz;
-      d = use_diff & sf ? buf[j] * inv_t + d_const : log_p - log_q;
+      const Acc log_p = (buf[j] + ((sf ? sj : ref_sum) - ref_sum)) * inv_t - m_z - log_lz;
+      return std::array<Acc, 3>{log_p, log_q, use_diff & sf ? buf[j] * inv_t + d_const : log_p - log_q};
     } else {
-      log_p = buf[j];
-      d = log_p - log_q;
+      return std::array<Acc, 3>{buf[j], log_q, buf[j] - log_q};
     }
-    const SoftElement<Acc> e = Div::element(fast_exp(log_p), log_p, d, fast_exp(log_q), log_q, beta);
-    term.v[k] += e.term;
-    if constexpr (Div::row_sum_gradient) {
-      qa.v[k] += e.qa;
-      if (a_out) a_out[j] = e.a;
+  };
+  auto sum_terms = [&](auto geometric_kind) {
+    for_lanes(C, [&](int64_t j, int64_t k) __attribute__((always_inline)) {
+      const auto [log_p, log_q, d] = log_ratio(j, geometric_kind);
+      const SoftElement<Acc> e =
+          Div::element(fast_exp(log_p), log_p, d, fast_exp(log_q), log_q, beta);
+      term.v[k] += e.term;
+      if constexpr (Div::row_sum_gradient) qa.v[k] += e.qa;
+    });
+    // d for the gradient pass in a loop of its own: stored from the loop above, GCC left that
+    // loop scalar with JSD's element (16x slower).
+    if (Div::row_sum_gradient && d_out != nullptr) {
+      Acc* __restrict__ out = d_out;
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) out[j] = log_ratio(j, geometric_kind)[2];
     }
-  });
+  };
+  if (geometric) {
+    sum_terms(std::true_type{});
+  } else {
+    sum_terms(std::false_type{});
+  }
   return {lane_sum(term.v), lane_sum(qa.v)};
 }
 
@@ -540,7 +559,12 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   const Acc cs = static_cast<Acc>(scales.soft_grad), ch = static_cast<Acc>(scales.hard_grad);
   const Acc q_scale = cs / r.l_u, p_scale = cs / r.l_z, r_scale = ch / r.l_s;
   if (role.soft && row_sum) {
-    row_sum_grad_pass(b, C, q_scale, sums.qa, role.hard ? r_scale : Acc(0), grad);
+    visit_divergence(divergence_of(a), [&](auto divergence) {
+      using Div = decltype(divergence);
+      if constexpr (Div::row_sum_gradient)
+        row_sum_grad_pass<Div>(b, C, q_scale, sums.qa, role.hard ? r_scale : Acc(0),
+                               static_cast<Acc>(a.beta), grad);
+    });
   } else if (role.soft && role.hard) {
     grad_pass<true, true>(b, C, q_scale, p_scale, r_scale, grad);
   } else if (role.soft) {
@@ -551,7 +575,12 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   if (role.hard) {
     Acc g = r_scale * b.s[label] - ch;
     if (role.soft && row_sum) {
-      g += weighted_or_zero(q_scale * b.u[label], b.z[label] - sums.qa);
+      const Acc a_y = visit_divergence(divergence_of(a), [&](auto divergence) {
+        using Div = decltype(divergence);
+        if constexpr (Div::row_sum_gradient) return Div::a_of(b.z[label], static_cast<Acc>(a.beta));
+        return Acc(0);
+      });
+      g += weighted_or_zero(q_scale * b.u[label], a_y - sums.qa);
     } else if (role.soft) {
       g += q_scale * b.u[label] - p_scale * b.z[label];
     }

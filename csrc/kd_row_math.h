@@ -120,6 +120,48 @@ KD_HOST_DEVICE double fast_exp(double x) {
   return exp(x);
 }
 
+// log(x), written so compilers vectorise it: x = 2^e m with m in [sqrt(1/2), sqrt(2)), and
+// log m = 2 atanh(f / (2 + f)) with f = m - 1 by its odd series (|s| <= 0.172: relative error
+// < 1e-7). 0 gives -inf, +inf gives +inf, a negative or NaN x gives NaN.
+KD_HOST_DEVICE float fast_log(float x) {
+  const bool tiny = x < 1.17549435e-38f;  // subnormal: scale into the normal range first
+  const float xs = tiny ? x * 8388608.0f : x;
+  const int32_t bits = bit_cast<int32_t>(xs);
+  float m = bit_cast<float>((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const bool high = m > 1.41421356f;
+  m = high ? m * 0.5f : m;
+  const float e = static_cast<float>(((bits >> 23) & 0xff) - 127 + (high ? 1 : 0) - (tiny ? 23 : 0));
+  const float f = m - 1.0f;
+  const float s = f / (2.0f + f), s2 = s * s;
+  const float series = s2 * (2.0f / 3 + s2 * (2.0f / 5 + s2 * (2.0f / 7 + s2 * (2.0f / 9))));
+  const float y = e * 0.693145751953125f + (2.0f * s + (s * series + e * 1.428606765330187e-06f));
+  const float inf = bit_cast<float>(0x7f800000), nan = bit_cast<float>(0x7fc00000);
+  const float special = x == 0.0f ? -inf : (x == inf ? inf : nan);
+  return x > 0.0f && x < inf ? y : special;
+}
+
+KD_HOST_DEVICE double fast_log(double x) {
+  using std::log;
+  return log(x);
+}
+
+// exp(x) - 1 for x <= 0 without cancelling near 0: a Taylor series for |x| < 1/4.
+template <typename Acc>
+KD_HOST_DEVICE Acc expm1_nonpositive(Acc x) {
+  const Acc series =
+      x * (Acc(1) + x * (Acc(0.5) + x * (Acc(1.0 / 6) + x * (Acc(1.0 / 24) + x * (Acc(1.0 / 120) + x * Acc(1.0 / 720))))));
+  return x > Acc(-0.25) ? series : fast_exp(x) - Acc(1);
+}
+
+// log(1 + x) for x >= -1 without cancelling near 0: log(u) x / (u - 1) with u = 1 + x, which
+// corrects u's rounding (Goldberg), and x itself where u rounds to 1.
+template <typename Acc>
+KD_HOST_DEVICE Acc log1p_fast(Acc x) {
+  const Acc u = Acc(1) + x;
+  const Acc du = u - Acc(1);
+  return du == Acc(0) ? x : fast_log(u) * (x / (du == Acc(0) ? Acc(1) : du));
+}
+
 // One class's share of KL(p || q) as a term that is never negative: p f(d) with d = log p - log q
 // and f(d) = exp(-d) - 1 + d >= 0 (the terms sum to the KL because sum_j (q_j - p_j) = 0), and
 // q where p = 0. Summing p d instead cancels near p = q, where float32 reads the KL negative.
@@ -145,6 +187,7 @@ KD_HOST_DEVICE Acc kl_term(Acc p, Acc log_p, Acc d, Acc q) {
 //     share >= 0 and the shares summing to the divergence), from both distributions with
 //     d = log p - log q computed where it keeps its digits; and, for the divergences whose
 //     gradient needs a row sum, `a` and `qa` (below);
+//   a_of(d, beta) (row_sum_gradient only): `a` from d alone, for a gradient pass that kept d;
 //   row_sum_gradient: false: the gradient with respect to u = s / T is q - p (KL, CE);
 //     true: it is q_j (a_j - A) with A = sum_k qa_k, so the kernels sum qa over the row before
 //     they write the gradient (a is dD/dq_j up to a constant, qa = q_j a_j in a form that keeps
@@ -204,11 +247,30 @@ struct ReverseKL {
   static constexpr bool row_sum_gradient = true;
   template <typename Acc>
   KD_HOST_DEVICE static SoftElement<Acc> element(Acc p, Acc /*log_p*/, Acc d, Acc q, Acc log_q,
-                                                 Acc /*beta*/) {
+                                                 Acc beta) {
     const Acc term = kl_term(q, log_q, -d, p);
-    return {term, -d, term};
+    return {term, a_of(d, beta), term};
+  }
+  template <typename Acc>
+  KD_HOST_DEVICE static Acc a_of(Acc d, Acc /*beta*/) {
+    return -d;
   }
 };
+
+// e = log q - log m and f = log p - log m with m = beta p + (1 - beta) q, from d = log p - log q
+// through expm1/log1p of a non-positive argument (no overflow, no cancellation near p = q).
+template <typename Acc>
+struct MixtureLogRatios {
+  Acc e, f;
+};
+
+template <typename Acc>
+KD_HOST_DEVICE MixtureLogRatios<Acc> mixture_log_ratios(Acc d, Acc beta) {
+  const bool p_smaller = d <= Acc(0);  // NaN d (p = q = 0) takes the other form: NaN, unused
+  const Acc x = p_smaller ? d : -d;    // <= 0 (or NaN)
+  const Acc l = -log1p_fast((p_smaller ? beta : Acc(1) - beta) * expm1_nonpositive(x));
+  return {p_smaller ? l : l - d, p_smaller ? d + l : l};
+}
 
 // Generalised Jensen-Shannon divergence with TRL's convention (GKDTrainer.generalized_jsd_loss):
 // beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; the kernels take beta in
@@ -221,17 +283,15 @@ struct JensenShannon {
   template <typename Acc>
   KD_HOST_DEVICE static SoftElement<Acc> element(Acc p, Acc log_p, Acc d, Acc q, Acc log_q,
                                                  Acc beta) {
-    using std::expm1;
-    using std::log1p;
-    const bool p_smaller = d <= Acc(0);  // NaN d (p = q = 0) takes the other form: NaN, unused
-    const Acc x = p_smaller ? d : -d;    // <= 0 (or NaN)
-    const Acc l = -log1p((p_smaller ? beta : Acc(1) - beta) * expm1(x));
-    const Acc e = p_smaller ? l : l - d;  // log q - log m
-    const Acc f = p_smaller ? d + l : l;  // log p - log m
+    const MixtureLogRatios<Acc> r = mixture_log_ratios(d, beta);
     const Acc m = beta * p + (Acc(1) - beta) * q;
-    const Acc kl_qm = kl_term(q, log_q, e, m);
-    const Acc term = beta * kl_term(p, log_p, f, m) + (Acc(1) - beta) * kl_qm;
-    return {term, (Acc(1) - beta) * e, (Acc(1) - beta) * kl_qm};
+    const Acc kl_qm = kl_term(q, log_q, r.e, m);
+    const Acc term = beta * kl_term(p, log_p, r.f, m) + (Acc(1) - beta) * kl_qm;
+    return {term, (Acc(1) - beta) * r.e, (Acc(1) - beta) * kl_qm};
+  }
+  template <typename Acc>
+  KD_HOST_DEVICE static Acc a_of(Acc d, Acc beta) {
+    return (Acc(1) - beta) * mixture_log_ratios(d, beta).e;
   }
 };
 
