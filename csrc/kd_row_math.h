@@ -145,21 +145,31 @@ KD_HOST_DEVICE double fast_log(double x) {
   return log(x);
 }
 
-// exp(x) - 1 for x <= 0 without cancelling near 0: a Taylor series for |x| < 1/4.
-template <typename Acc>
-KD_HOST_DEVICE Acc expm1_nonpositive(Acc x) {
-  const Acc series =
-      x * (Acc(1) + x * (Acc(0.5) + x * (Acc(1.0 / 6) + x * (Acc(1.0 / 24) + x * (Acc(1.0 / 120) + x * Acc(1.0 / 720))))));
-  return x > Acc(-0.25) ? series : fast_exp(x) - Acc(1);
+// exp(x) - 1 for x <= 0 without cancelling near 0: a Taylor series for |x| < 1/4 (float; the
+// float64 path takes the library's expm1).
+KD_HOST_DEVICE float expm1_nonpositive(float x) {
+  const float series =
+      x * (1.0f + x * (0.5f + x * (1.0f / 6 + x * (1.0f / 24 + x * (1.0f / 120 + x * (1.0f / 720))))));
+  return x > -0.25f ? series : fast_exp(x) - 1.0f;
+}
+
+KD_HOST_DEVICE double expm1_nonpositive(double x) {
+  using std::expm1;
+  return expm1(x);
 }
 
 // log(1 + x) for x >= -1 without cancelling near 0: log(u) x / (u - 1) with u = 1 + x, which
-// corrects u's rounding (Goldberg), and x itself where u rounds to 1.
-template <typename Acc>
-KD_HOST_DEVICE Acc log1p_fast(Acc x) {
-  const Acc u = Acc(1) + x;
-  const Acc du = u - Acc(1);
-  return du == Acc(0) ? x : fast_log(u) * (x / (du == Acc(0) ? Acc(1) : du));
+// corrects u's rounding (Goldberg), and x itself where u rounds to 1 (float; the float64 path
+// takes the library's log1p).
+KD_HOST_DEVICE float log1p_fast(float x) {
+  const float u = 1.0f + x;
+  const float du = u - 1.0f;
+  return du == 0.0f ? x : fast_log(u) * (x / (du == 0.0f ? 1.0f : du));
+}
+
+KD_HOST_DEVICE double log1p_fast(double x) {
+  using std::log1p;
+  return log1p(x);
 }
 
 // One class's share of KL(p || q) as a term that is never negative: p f(d) with d = log p - log q
