@@ -14,6 +14,7 @@ import os
 import pytest
 
 from kdkernels.bench import GRIDS, providers, reference_loss
+from kdkernels.bench.measure import training_step
 
 CASES = GRIDS[os.environ.get("KDKERNELS_BENCH_GRID", "quick")]
 DEVICE = os.environ.get("KDKERNELS_BENCH_DEVICE", "cpu")
@@ -25,16 +26,7 @@ DEVICE = os.environ.get("KDKERNELS_BENCH_DEVICE", "cpu")
     ids=lambda x: x if isinstance(x, str) else x.name,
 )
 def test_provider(benchmark, case, provider):
-    fn = providers(DEVICE, case)[provider]
-    student, teachers, labels = case.inputs(DEVICE)
-    student.requires_grad_(case.backward)
-
-    def step():
-        student.grad = None
-        loss = fn(student, teachers, labels)
-        if case.backward:
-            loss.backward()
-        return loss
+    step, student = training_step(providers(DEVICE, case)[provider], case, DEVICE)
 
     benchmark.group = case.name
     loss = benchmark(step).item()

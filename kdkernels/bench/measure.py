@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,8 +31,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 1):
-    """Median seconds of one call (forward, and backward when case.backward), and the loss."""
+def training_step(fn, case: Case, device: str = "cpu") -> tuple[Callable[[], Tensor], Tensor]:
+    """(step, student): one call of provider `fn` on the case's inputs (made once), forward
+    and, when case.backward, backward, returning the loss; the student it differentiates."""
     student, teachers, labels = case.inputs(device)
     student.requires_grad_(case.backward)
 
@@ -41,6 +43,13 @@ def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5, warmup:
         if case.backward:
             loss.backward()
         return loss
+
+    return once, student
+
+
+def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 1):
+    """Median seconds of one call (forward, and backward when case.backward), and the loss."""
+    once, _ = training_step(fn, case, device)
 
     for _ in range(warmup):
         loss = once()
@@ -93,16 +102,11 @@ def _rss_kb(field: str) -> int:
 
 def child_peak_memory(provider: str, case_json: str) -> None:
     case = Case(**json.loads(case_json))
-    fn = providers("cpu", case)[provider]
-    student, teachers, labels = case.inputs("cpu")
-    student.requires_grad_(case.backward)
+    step, student = training_step(providers("cpu", case)[provider], case)
 
     def once() -> None:
-        student.grad = None
-        loss = fn(student, teachers, labels)
-        if case.backward:
-            loss.backward()
-        student.grad = None
+        step()
+        student.grad = None  # the gradient is the call's memory, not the inputs'
 
     once()  # warm-up: compilation and allocator start-up are not the loss's memory
     with open("/proc/self/clear_refs", "w") as clear:
