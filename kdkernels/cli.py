@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--memory", action="store_true", help="peak memory, one process per provider")
     b.add_argument("--mode", default="fwd+bwd", choices=["fwd+bwd", "fwd", "both"])
-    b.add_argument("--out", help="folder for results.json, results.csv and results.png")
+    b.add_argument(
+        "--out", default="results", help="folder for results.json, results.csv and results.png"
+    )
     t = sub.add_parser("train", help="reproduce the paper's distillation effect on real digits")
     defaults = TrainConfig()
     t.add_argument("--seeds", type=int, default=defaults.seeds)
