@@ -52,7 +52,9 @@ def raw_arguments(n, c, m, dtype, ensemble, near, keep):
     student, teachers = student.to(dtype), list(teachers.to(dtype))
     labels = torch.randint(0, c, (n,), generator=gen)
     options = OpOptions(**Options(ensemble=ensemble).as_dict(), compute_grad=True)
-    keywords, *outputs = kernel_arguments(this, student, teachers, labels, [1 / m] * m, options)
+    keywords, *outputs = kernel_arguments(
+        this, student, teachers, labels, None, [1 / m] * m, options
+    )
     keep += [student, teachers, labels, *outputs]
     return keywords
 
@@ -69,7 +71,9 @@ def main() -> None:
     for n, c, m, dtype, ensemble in CASES:
         keep: list = []
         raw = raw_arguments(n, c, m, dtype, ensemble, args.near, keep)
-        runs = {"this": (this, this.make_args(**raw)), "other": (other, other.make_args(**raw))}
+        # An older build takes fewer options: give it only the keywords its signature names.
+        theirs = {k: v for k, v in raw.items() if f"{k}:" in other.make_args.__doc__}
+        runs = {"this": (this, this.make_args(**raw)), "other": (other, other.make_args(**theirs))}
         times: dict[str, list[float]] = {"this": [], "other": []}
         for i in range(args.repeats + 1):
             order = ("this", "other") if i % 2 else ("other", "this")

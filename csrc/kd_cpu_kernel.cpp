@@ -179,7 +179,7 @@ Acc combine_geometric(const KDArgs& a, int64_t row, Acc inv_t, const RowBuffers<
 
 // Arithmetic ensemble: z_j = log sum_m w_m softmax(t_m / T)_j. Returns max_j z_j.
 template <typename Tt, typename Acc>
-Acc combine_arithmetic(const KDArgs& a, int64_t row, Acc inv_t, const RowBuffers<Acc>& b) {
+[[gnu::noinline]] Acc combine_arithmetic(const KDArgs& a, int64_t row, Acc inv_t, const RowBuffers<Acc>& b) {
   const int64_t C = a.num_classes;
   bool first = true;
   for (int32_t m = 0; m < a.num_teachers; ++m) {
@@ -412,9 +412,13 @@ template <typename Div, typename S, typename Tt, typename Acc>
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j) scratch[j] += c * fast_exp((in(t[j]) - mt) * inv_t);
     }
-#pragma omp simd
-    for (int64_t j = 0; j < C; ++j) scratch[j] = fast_log(scratch[j]);
+    bool underflow = false;  // found in the vector loop; the scalar fix-up runs only then
+#pragma omp simd reduction(| : underflow)
     for (int64_t j = 0; j < C; ++j) {
+      scratch[j] = fast_log(scratch[j]);
+      underflow |= scratch[j] == -std::numeric_limits<Acc>::infinity();
+    }
+    for (int64_t j = 0; underflow && j < C; ++j) {
       // Every member's share underflowed (below e^-87): log p in log space, where reverse KL
       // needs it (q log p); -inf only where every member's logit is -inf.
       if (scratch[j] == -std::numeric_limits<Acc>::infinity()) {
