@@ -45,7 +45,8 @@ def distillation_loss(
         labels: optional [...] integer class indices. Rows labelled ``ignore_index`` take no
             term; rows labelled ``unlabeled_index`` take the soft term only. Without labels every
             row takes the soft term only.
-        temperature: T > 0 for both softmaxes of the soft term.
+        temperature: T in [1e-4, 1e4] (`kd.TEMPERATURE_RANGE`) for both softmaxes of the soft
+            term.
         soft_weight, hard_weight: weights of the two terms (>= 0).
         ensemble: "geometric" (default) or "arithmetic" mean of the teachers.
         teacher_weights: M non-negative weights (normalised to sum 1); default uniform.
@@ -107,7 +108,8 @@ class DistillationLoss(nn.Module):
 
     Every option is an attribute that takes effect on the next call and shows in the repr, so
     a temperature schedule can assign ``criterion.temperature = 2.0``; a bad value is refused at
-    the assignment, and an unknown attribute name raises AttributeError.
+    the assignment (teacher_weights, which depends on the teachers, at the next call), and an
+    unknown attribute name raises AttributeError.
 
     >>> criterion = DistillationLoss(temperature=4.0, soft_weight=0.9, hard_weight=0.1)
     >>> loss = criterion(student_logits, teacher_logits, labels)

@@ -35,7 +35,7 @@ def generalized_jsd_loss(
         student_logits, teacher_logits: [B, T, V] (or [N, V]) float logits of the same shape.
         labels: optional [B, T] integer tensor; positions labelled -100 are left out.
         beta: in [0, 1].
-        temperature: > 0.
+        temperature: in [1e-4, 1e4] (`kdkernels.TEMPERATURE_RANGE`).
         reduction: the divisor of the sum over positions, as in TRL: "batchmean" the number of
             positions kept (with labels; at least 1) or B (without labels), "mean" that times V
             (TRL's mean over every element), "sum" none.
