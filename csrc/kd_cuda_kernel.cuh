@@ -560,13 +560,16 @@ __global__ void __launch_bounds__(kThreads)
   auto hard_part = [ch, hard = role.hard, m_s = r.m_s, log_ls = r.log_ls, label](float s, int64_t j) {
     return hard ? ch * (__expf(s - m_s - log_ls) - (j == label ? 1.f : 0.f)) : 0.f;
   };
+  // The gradient is written here unless it needs A (then pass 3 writes it, and nothing of it is
+  // formed here: the hard part costs an exponential per class).
+  const bool write_now = grad != nullptr && !(row_sum && role.soft);
   float soft_sum = 0.f, qa_sum = 0.f;
   for (int64_t j = first; j < span.end; j += step) {
     float s[V], log_q[V], p[V], log_p[V], d[V], g[V];
     soft_inputs<V>(a, r, role.soft, j, s, log_q, p, log_p, d);
     KD_UNROLL
     for (int k = 0; k < V; ++k) {
-      g[k] = hard_part(s[k], j + k);
+      g[k] = write_now ? hard_part(s[k], j + k) : 0.f;
       if (role.soft) {
         const float q = __expf(log_q[k]);
         const SoftElement<float> e = soft_element(a, p[k], log_p[k], d[k], q, log_q[k]);
@@ -575,7 +578,7 @@ __global__ void __launch_bounds__(kThreads)
         g[k] += cs * (q - p[k]);
       }
     }
-    if (grad && !(row_sum && role.soft)) store<V>(grad + j, g);
+    if (write_now) store<V>(grad + j, g);
   }
   soft_sum = group_sum<kGroup>(soft_sum, scratch);
   if (cluster > 1) soft_sum = cluster_sum(soft_sum, slots + SmemLayout::kSoftSlot, cluster);
