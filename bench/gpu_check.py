@@ -8,7 +8,7 @@ achieved bandwidth as a fraction of a device-to-device copy measured in the same
 By default it runs four cases that take the CUDA kernel's different paths: a 128k vocabulary
 in bfloat16 (on sm_90 a cluster of 4 blocks per row, each holding a quarter of the row in shared
 memory), a 32k vocabulary in bfloat16 (one block per row with the row copied into shared memory),
-an ensemble of four in float32, and 1000 classes (a warp per row). Run it again with
+an ensemble of four in float32, 1000 classes (a warp per row) and the JSD (a third pass). Run it again with
 KDKERNELS_CUDA_ROW_CACHE=0 to time the CUDA kernel with the shared-memory copy off (pass 2
 re-reads the row through L2). On a machine without a GPU it says so (and why, per backend) and
 exits with status 2.
@@ -30,6 +30,7 @@ DEFAULT_CASES = [
     Case(4096, 32000, 1, "bfloat16"),
     Case(4096, 32000, 4, "float32"),
     Case(65536, 1000, 1, "float32"),
+    Case(4096, 32000, 1, "bfloat16", soft_loss="jsd"),
 ]
 
 
@@ -38,8 +39,8 @@ def check(case: Case, backend: str) -> tuple[float, float]:
     student, teachers, labels = case.inputs("cuda")
     s1 = student.detach().clone().requires_grad_(True)
     s2 = student.detach().clone().requires_grad_(True)
-    out = kd.distillation_loss(s1, teachers, labels, backend=backend)
-    ref = kd_loss_reference(s2, list(teachers), labels)
+    out = kd.distillation_loss(s1, teachers, labels, backend=backend, **case.options())
+    ref = kd_loss_reference(s2, list(teachers), labels, **case.options())
     out.backward()
     ref.backward()
     loss_err = (out.double() - ref.double()).abs().item() / ref.double().abs().item()
