@@ -8,9 +8,9 @@ achieved bandwidth as a fraction of a device-to-device copy measured in the same
 By default it runs four cases that take the CUDA kernel's different paths: a 128k vocabulary
 in bfloat16 (on sm_90 a cluster of 4 blocks per row, each holding a quarter of the row in shared
 memory), a 32k vocabulary in bfloat16 (one block per row with the row copied into shared memory),
-an ensemble of four in float32, 1000 classes (a warp per row) and the JSD (a third pass). Run it again with
-KDKERNELS_CUDA_ROW_CACHE=0 to time the CUDA kernel with the shared-memory copy off (pass 2
-re-reads the row through L2). On a machine without a GPU it says so (and why, per backend) and
+an ensemble of four in float32, 1000 classes (a warp per row) and the JSD (a third pass). Run it
+again with KDKERNELS_CUDA_ROW_CACHE=0 to time the CUDA kernel with the shared-memory copy off
+(pass 2 re-reads the row through L2). Without a GPU it says so (and why, per backend) and
 exits with status 2.
 """
 
@@ -85,6 +85,9 @@ def main() -> int:
         "\ntiming (median of repeats; 'GB/s' over the minimal bytes; '/ floor' = time over the "
         "time to move those bytes at the measured device-to-device copy bandwidth):"
     )
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    print(f"device memory: {free / 2**30:.0f} GiB free of {total / 2**30:.0f} GiB")
     rows = run(cases, "cuda", args.repeats, progress=False)
     print(format_table(rows))
     for row in rows:

@@ -8,7 +8,6 @@ Adding a backend: its module, and one record in REGISTRY.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -151,10 +150,17 @@ REGISTRY: dict[str, Backend] = {
 NAMES = ("auto", *REGISTRY)
 
 
-@functools.cache
+_MISSING: dict[str, str | None] = {}
+
+
+# A constant to torch.compile: dynamo calls it while tracing and keeps the answer, instead of
+# tracing into the extension's build_info (which it cannot: fullgraph=True failed on a GPU).
+@torch.compiler.assume_constant_result
 def missing(name: str) -> str | None:
     """Why backend `name` is not usable on this machine (None: usable). Checked once."""
-    return REGISTRY[name].missing()
+    if name not in _MISSING:
+        _MISSING[name] = REGISTRY[name].missing()
+    return _MISSING[name]
 
 
 def why_not(name: str, problem: Problem) -> str | None:

@@ -139,3 +139,22 @@ def test_eager_calls_skip_the_custom_op_dispatch_but_modes_use_it(monkeypatch):
     assert calls == [1]
     torch.testing.assert_close(traced, eager)
     torch.testing.assert_close(s.grad, eager_grad)
+
+
+def test_backend_checks_are_constants_to_torch_compile(monkeypatch):
+    """The first call of a process may be inside torch.compile: the backends' availability
+    checks (the CUDA one reads the extension's build_info, which dynamo cannot trace) run once,
+    outside the graph. With the cache warm, as in every other test, fullgraph compile with
+    backend='cuda' failed only on a GPU machine."""
+    from kdkernels import _backends
+
+    monkeypatch.setattr(_backends, "_MISSING", {})
+
+    def step(s, t):
+        scale = 1.0 if _backends.missing("cuda") is None else 2.0
+        return kd.distillation_loss(s, t) * scale
+
+    s, t = torch.randn(6, 9), torch.randn(6, 9)
+    compiled = torch.compile(step, fullgraph=True)(s, t)
+    assert set(_backends._MISSING) >= {"cuda", "cpu"}
+    torch.testing.assert_close(compiled, step(s, t))
