@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._autograd import allow_repeated_backward
 from ._validate import TEMPERATURE_RANGE
+from .linear import LinearDistillationLoss, linear_distillation_loss
 from .loss import DistillationLoss, backends, distillation_loss
 from .reference import kd_loss_reference
 
@@ -15,9 +16,11 @@ except PackageNotFoundError:  # a source tree that was never installed
 __all__ = [
     "TEMPERATURE_RANGE",
     "DistillationLoss",
+    "LinearDistillationLoss",
     "__version__",
     "allow_repeated_backward",
     "backends",
     "distillation_loss",
     "kd_loss_reference",
+    "linear_distillation_loss",
 ]

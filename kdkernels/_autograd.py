@@ -59,20 +59,20 @@ _SCALED_ALREADY = (
 )
 
 
-def _saved_gradient(ctx) -> Tensor:
+def saved_gradients(ctx) -> tuple[Tensor, ...]:
+    """The gradients a forward pass saved, or _SCALED_ALREADY if a backward scaled them."""
     try:
-        (grad,) = ctx.saved_tensors
+        return ctx.saved_tensors
     except RuntimeError as error:  # autograd's version check: say what happened and what to do
         if "modified by an inplace operation" not in str(error):
             raise
         raise RuntimeError(_SCALED_ALREADY) from None
-    return grad
 
 
 def _backward(ctx, grad_row_loss: Tensor | None, _unused: Tensor | None):
     if torch.is_grad_enabled():
         raise RuntimeError("kdkernels: double backward (create_graph=True) is not supported")
-    grad = _saved_gradient(ctx)
+    (grad,) = saved_gradients(ctx)
     no_grads = ctx.teacher_grads
     if grad_row_loss is None:  # the loss itself received no gradient
         return (None, no_grads) + (None,) * (3 + len(OpOptions._fields))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _emulated, _triton
 from ._extension import load_extension
-from ._ops import fused_row_losses
+from ._ops import _fused_kd_impl, fused_row_losses
 from ._validate import Problem
 from .reference import kd_loss_reference
 
@@ -39,6 +39,9 @@ class Backend:
     loss: Callable[[Problem], Tensor]  # the loss, reduced as the options say
     kernel: bool = True  # False for the pure-PyTorch reference
     auto: bool = True  # whether "auto" may choose it
+    # The fused kernel itself, impl(logits, teachers, labels, num_items, weights, *OpOptions)
+    # -> (row losses, gradient), which the hidden-state loss runs per chunk (None: the reference)
+    impl: Callable | None = None
 
 
 def _reduce(problem: Problem, row_losses: Callable[[Problem], Tensor]) -> Tensor:
@@ -124,6 +127,7 @@ REGISTRY: dict[str, Backend] = {
             _cuda_missing,
             _all(_no_float64, _too_many(MAX_TEACHERS)),
             _fused_loss,
+            impl=_fused_kd_impl,
         ),
         Backend(
             "triton",
@@ -132,8 +136,17 @@ REGISTRY: dict[str, Backend] = {
             _triton.missing,
             _all(_no_float64, _too_many(_triton.MAX_TEACHERS)),
             _triton_loss,
+            impl=_triton._fused_kd_triton_impl,
         ),
-        Backend("cpu", ("cpu",), "CPU tensors", _cpu_missing, _too_many(MAX_TEACHERS), _fused_loss),
+        Backend(
+            "cpu",
+            ("cpu",),
+            "CPU tensors",
+            _cpu_missing,
+            _too_many(MAX_TEACHERS),
+            _fused_loss,
+            impl=_fused_kd_impl,
+        ),
         Backend("torch", None, "any tensors", lambda: None, lambda _: None, _reference_loss, False),
         # The CUDA kernel's source on the host emulator (a test build), for tests only.
         Backend(
@@ -144,6 +157,7 @@ REGISTRY: dict[str, Backend] = {
             _all(_no_float64, _too_many(MAX_TEACHERS)),
             _emulated_loss,
             auto=False,
+            impl=_emulated._fused_kd_emulated_impl,
         ),
     )
 }

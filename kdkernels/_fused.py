@@ -31,24 +31,34 @@ _PYTHON_TYPES = {
 }
 
 
-def fused_op_signature(impl: Callable) -> Callable:
-    """Give a fused op's implementation, written as impl(student, teachers, labels, num_items,
-    teacher_weights, *options), the typed signature torch.library infers the op schema from:
-    the options are OpOptions', so every backend's op has one schema, built from Options."""
-    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    head = [
+def op_signature(head: list[tuple[str, object]], returns: object) -> Callable:
+    """Give an op's implementation, written as impl(*head, *options), the typed signature
+    torch.library infers the op schema from: `head` (name, type) pairs, then OpOptions' fields,
+    so every op that takes the loss options has them in one schema, built from Options."""
+
+    def decorate(impl: Callable) -> Callable:
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        options = [(name, _PYTHON_TYPES[t]) for name, t in _OP_OPTIONS]
+        impl.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, kind, annotation=t) for n, t in head + options],
+            return_annotation=returns,
+        )
+        return impl
+
+    return decorate
+
+
+# Every backend's fused op: impl(student, teachers, labels, num_items, teacher_weights, *options).
+fused_op_signature = op_signature(
+    [
         ("student", Tensor),
         ("teachers", list[Tensor]),
         ("labels", Tensor | None),
         ("num_items", Tensor | None),
         ("teacher_weights", list[float]),
-    ]
-    options = [(name, _PYTHON_TYPES[t]) for name, t in _OP_OPTIONS]
-    impl.__signature__ = inspect.Signature(
-        [inspect.Parameter(n, kind, annotation=t) for n, t in head + options],
-        return_annotation=tuple[Tensor, Tensor],
-    )
-    return impl
+    ],
+    tuple[Tensor, Tensor],
+)
 
 
 def _dtype_name(x: Tensor) -> str:
