@@ -22,7 +22,7 @@ import sys
 import torch
 
 import kdkernels as kd
-from kdkernels.bench import Case, format_table, run
+from kdkernels.bench import Case, format_table, linear, run
 from kdkernels.reference import kd_loss_reference
 
 DEFAULT_CASES = [
@@ -56,6 +56,8 @@ def main() -> int:
     parser.add_argument("--m", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--skip-check", action="store_true", help="timing only")
+    parser.add_argument("--linear", action="store_true", help="also linear_distillation_loss")
     args = parser.parse_args()
 
     gpu = {name: s for name, s in kd.backends().items() if name in ("cuda", "triton")}
@@ -71,7 +73,7 @@ def main() -> int:
         cases = [Case(args.n, args.c, args.m, args.dtype)]
     print("\ncorrectness at full size (relative error vs the float32 GPU reference):")
     ok = True
-    for case in cases:
+    for case in [] if args.skip_check else cases:
         for name, status in gpu.items():
             if not status.available:
                 print(f"  {case.name} {name}: not run ({status.reason})")
@@ -88,11 +90,20 @@ def main() -> int:
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     print(f"device memory: {free / 2**30:.0f} GiB free of {total / 2**30:.0f} GiB")
-    rows = run(cases, "cuda", args.repeats, progress=False)
-    print(format_table(rows))
-    for row in rows:
-        if not row.note:
-            print(f"  {row.case} {row.provider}: {100 / row.times_floor:.0f}% of copy bandwidth")
+    for case in cases:  # a table per case, so that a run cut short still reports
+        rows = run([case], "cuda", args.repeats, progress=False)
+        print(format_table(rows), flush=True)
+        for row in rows:
+            if not row.note:
+                print(f"  {row.provider}: {100 / row.times_floor:.0f}% of copy bandwidth")
+    if args.linear:
+        print(
+            "\nlinear_distillation_loss (forward+backward from hidden states; peak memory "
+            "above the inputs and the gradients of hidden and weight):"
+        )
+        for case in linear.GRIDS["cuda"]:
+            rows = linear.run([case], "cuda", max(3, args.repeats // 2), memory=True)
+            print(linear.format_table(rows), flush=True)
     return 0 if ok else 1
 
 

@@ -39,6 +39,16 @@ def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a.to(acc), b.to(acc))
 
 
+def _addmm_float32_(out: Tensor, grad_t: Tensor, hidden: Tensor) -> None:
+    """out += grad_t @ hidden for the float32 (float64) accumulator `out`, in place (no [V, H]
+    temporary), except for half hidden states on a GPU: the gradient is rounded to their dtype
+    for cuBLAS's half-in, float32-out product, then added."""
+    if hidden.dtype in HALF and hidden.is_cuda and _out_dtype_mm():
+        out += torch.mm(grad_t.to(hidden.dtype), hidden, out_dtype=out.dtype)
+    else:
+        out.addmm_(grad_t, hidden.to(out.dtype))
+
+
 _OUT_DTYPE_MM: list[bool] = []
 
 
@@ -168,7 +178,7 @@ def _linear_kd_impl(
         if need_hidden:
             grad_hidden[chunk] = _mm_float32(grad.to(student.weight.dtype), student.weight)
         if need_weight:
-            grad_weight += _mm_float32(grad.t().to(student_hidden.dtype), student_hidden[chunk])
+            _addmm_float32_(grad_weight, grad.t(), student_hidden[chunk])
         if need_bias:
             grad_bias += grad.sum(0)
     loss = rows if o.reduction == "none" else rows.sum()

@@ -49,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, build configuration and available backends")
     b = sub.add_parser("bench", help="time every provider against eager and torch.compile")
-    b.add_argument("--grid", default="targets", choices=sorted(GRIDS), help="which cases")
+    b.add_argument(
+        "--grid",
+        default="targets",
+        choices=[*sorted(GRIDS), "linear"],
+        help="which cases ('linear': linear_distillation_loss from hidden states)",
+    )
     b.add_argument("--quick", action="store_true", help="the small grid (under a minute)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--repeats", type=int, default=5)
@@ -110,6 +115,8 @@ def bench(args: argparse.Namespace) -> int:
 
     from .bench import format_table, plot, run, write_csv
 
+    if args.grid == "linear":
+        return bench_linear(args)
     cases = GRIDS["quick" if args.quick else args.grid]
     if args.mode != "fwd+bwd":
         forward = [replace(c, backward=False) for c in cases]
@@ -131,6 +138,25 @@ def bench(args: argparse.Namespace) -> int:
         write_csv(rows, out / "results.csv")
         plot(rows, cases, out / "results.png")
         print(f"wrote {out / 'results.json'}, results.csv and results.png")
+    return 0
+
+
+def bench_linear(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .bench import linear
+
+    cases = linear.GRIDS[args.device][: 1 if args.quick else None]
+    rows = linear.run(cases, args.device, args.repeats, args.memory)
+    print(f"kdkernels {kdkernels.__version__}, torch {torch.__version__}, {args.device}")
+    print(linear.format_table(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results-linear.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    linear.plot(rows, out / "results-linear.png")
+    print(f"wrote {out / 'results-linear.json'} and results-linear.png")
     return 0
 
 
