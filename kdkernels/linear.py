@@ -64,7 +64,7 @@ def linear_distillation_loss(
         student_bias: optional [V]. teacher_bias: optional [V], or a list (entries may be None).
         student_logit_scale, teacher_logit_scale: finite multipliers of the logits.
         student_softcap, teacher_softcap: None or > 0.
-        chunk_size: rows per chunk (default: about 256 MiB of float32 chunk buffers on a CPU,
+        chunk_size: rows per chunk (default: about 1 GiB of float32 chunk buffers on a CPU,
             2 GiB on a GPU). The result does not depend on it.
         teacher_weights, num_items_in_batch, backend: as for `distillation_loss` ("torch",
             the reference, has no fused kernel and is refused).

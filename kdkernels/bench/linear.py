@@ -91,6 +91,13 @@ def eager_kdkernels(x: dict[str, Tensor]) -> Tensor:
     return kdkernels.distillation_loss(student, teacher, x["labels"], **_OPTIONS)
 
 
+def matmuls_only(x: dict[str, Tensor]) -> Tensor:
+    """The four matmuls every provider needs (student and teacher logits, the hidden-state and
+    weight gradients) and nothing else: the floor the loss-side work is measured against."""
+    student, _ = _logits(x)
+    return student.sum()  # its backward is the two gradient matmuls (of an expanded ones)
+
+
 def fused(x: dict[str, Tensor]) -> Tensor:
     return kdkernels.linear_distillation_loss(
         x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"], x["labels"], **_OPTIONS
@@ -125,6 +132,7 @@ def providers() -> dict[str, Callable[[dict[str, Tensor]], Tensor]]:
         "eager logits + kdkernels": eager_kdkernels,
         "compile": torch.compile(eager),
         "kdkernels linear": fused,
+        "matmuls only": matmuls_only,
     }
     if _liger() is not None:
         found["liger chunked"] = _liger()

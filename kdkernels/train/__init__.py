@@ -35,7 +35,7 @@ class Config:
     seeds: int = 3
     teachers: int = 3
     teacher_hidden: int = 1200
-    teacher_epochs: int = 30
+    teacher_epochs: int = 20
     teacher_dropout: float = 0.3
     jitter: int | None = None  # pixels; None: 2 on 28x28 images, 0 on 8x8 ones
     student_hidden: int = 800

@@ -133,6 +133,7 @@ def run_seed(
             "soft_accuracy": 1 - errors(soft.model(data.x_test), data.y_test) / n_test,
             "hard_best_epoch": hard.best_epoch,
             "soft_best_epoch": soft.best_epoch,
+            "eval_every": hard.eval_every,
             "hard_curve": [1 - e / n_test for e in hard.test_curve],
             "soft_curve": [1 - e / n_test for e in soft.test_curve],
         }

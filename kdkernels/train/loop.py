@@ -73,8 +73,9 @@ def train_teacher(
 class StudentRun:
     model: nn.Module  # at the epoch of fewest validation errors (early stopping)
     best_epoch: int
-    test_curve: list[int] = field(default_factory=list)  # test errors after each epoch
+    test_curve: list[int] = field(default_factory=list)  # test errors every eval_every epochs
     val_curve: list[int] = field(default_factory=list)
+    eval_every: int = 1
     first_loss: float = 0.0  # the training loss over the transfer set, before and after
     last_loss: float = 0.0
 
@@ -91,7 +92,8 @@ def train_student(
     """The small MLP from `init` on data's training rows: hard labels alone (no
     regularisation) when teacher_logits is None, else `criterion` against the teachers' logits
     [M, N_train, C] of those rows. Keeps the weights of the epoch with the fewest validation
-    errors; `tick()` once per epoch."""
+    errors, checked every epoch or, over many short epochs, 200 times in all; `tick()` once per
+    epoch."""
     gen = torch.Generator().manual_seed(seed)
     model = mlp(data.x_train.shape[1], init["0.weight"].shape[0], 2)
     model.load_state_dict(init)
@@ -105,6 +107,7 @@ def train_student(
     every = torch.arange(len(data.y_train))
     with torch.no_grad():
         run = StudentRun(model, 0, first_loss=float(loss_of(data.x_train, every)))
+    run.eval_every = max(1, epochs // 200)
     best = (len(data.y_val) + 1, None)
     for epoch in range(epochs):
         model.train()
@@ -113,6 +116,9 @@ def train_student(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        tick()
+        if (epoch + 1) % run.eval_every:
+            continue
         model.eval()
         with torch.no_grad():
             run.val_curve.append(errors(model(data.x_val), data.y_val))
@@ -120,7 +126,6 @@ def train_student(
         if run.val_curve[-1] < best[0]:
             best = (run.val_curve[-1], copy.deepcopy(model.state_dict()))
             run.best_epoch = epoch + 1
-        tick()
     model.load_state_dict(best[1])
     with torch.no_grad():
         run.last_loss = float(loss_of(data.x_train, every))

@@ -70,7 +70,8 @@ def plot(results: list[dict], experiments: tuple[str, ...], path: Path) -> None:
             ("soft_curve", "soft targets", "C2"),
         ):
             curves = torch.tensor([x[key] for x in r], dtype=torch.float64) * 100
-            epochs = torch.arange(1, curves.shape[1] + 1)
+            every = r[0]["eval_every"]
+            epochs = torch.arange(1, curves.shape[1] + 1) * every
             ax.plot(epochs, curves.mean(0), color=color, label=label)
             if len(r) > 1:
                 lo, hi = curves.mean(0) - curves.std(0), curves.mean(0) + curves.std(0)
