@@ -16,10 +16,11 @@ from ._fused import OpOptions, op_signature
 
 HALF = (torch.float16, torch.bfloat16)
 # The memory the chunk loop may use for one chunk's float32 logits, gradient and teacher logits:
-# enough rows that each matmul runs at full speed (on a 2-core CPU at V = 128256, 174-row chunks
-# ran 12% over the matmuls' time, 697-row chunks 3%; a GPU's tensor cores want about 1k rows)
-# and little next to the [N, V] buffers of the eager loss.
-CHUNK_BYTES = {"cuda": 2 << 30, "cpu": 1 << 30}
+# enough rows that each matmul runs at full speed (on a 2-core CPU at V = 128256, N = 2048, 174-row
+# chunks ran 12% over the matmuls' time and one 2048-row chunk 3%; a GPU's tensor cores want
+# about 1k rows) and still little next to the [N, V] buffers of the eager loss (at N = 8192,
+# V = 128256 eager PyTorch holds over 25 GB).
+CHUNK_BYTES = {"cuda": 2 << 30, "cpu": 2 << 30}
 
 
 def default_chunk_size(n: int, v: int, num_teachers: int, device: torch.device) -> int:
@@ -33,7 +34,7 @@ def default_chunk_size(n: int, v: int, num_teachers: int, device: torch.device) 
 def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b with float32 (float64 for float64 inputs) accumulation and result. Half-precision
     operands stay half on a GPU (cuBLAS's out_dtype), so the tensor cores do the work."""
-    if a.dtype in HALF and b.dtype in HALF and a.is_cuda and _out_dtype_mm():
+    if a.dtype in HALF and a.dtype == b.dtype and a.is_cuda and _out_dtype_mm():
         return torch.mm(a, b, out_dtype=torch.float32)
     acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     return torch.mm(a.to(acc), b.to(acc))
@@ -162,7 +163,11 @@ def _linear_kd_impl(
     rows = student_hidden.new_empty(n, dtype=acc)
     for chunk in _chunks(n, chunk_size):
         logits = student.logits(student_hidden[chunk])
-        targets = [t.logits(h[chunk]) for t, h in zip(teachers, teacher_hidden, strict=True)]
+        # One logits dtype for all (the C++ kernel takes float64 only all together).
+        targets = [
+            t.logits(h[chunk]).to(logits.dtype)
+            for t, h in zip(teachers, teacher_hidden, strict=True)
+        ]
         chunk_labels = None if labels is None else labels[chunk]
         loss, grad = impl(
             logits, targets, chunk_labels, num_items, teacher_weights, *kernel_options

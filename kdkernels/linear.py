@@ -64,8 +64,8 @@ def linear_distillation_loss(
         student_bias: optional [V]. teacher_bias: optional [V], or a list (entries may be None).
         student_logit_scale, teacher_logit_scale: finite multipliers of the logits.
         student_softcap, teacher_softcap: None or > 0.
-        chunk_size: rows per chunk (default: about 1 GiB of float32 chunk buffers on a CPU,
-            2 GiB on a GPU). The result does not depend on it.
+        chunk_size: rows per chunk (default: about 2 GiB of float32 chunk buffers on a CPU and
+            on a GPU). The result does not depend on it.
         teacher_weights, num_items_in_batch, backend: as for `distillation_loss` ("torch",
             the reference, has no fused kernel and is refused).
         **options: temperature, soft_weight, hard_weight, ensemble, soft_loss, beta,

@@ -321,3 +321,20 @@ def test_default_chunk_size_bounds_the_chunk_memory():
     rows = _linear.default_chunk_size(8192, 128256, 1, torch.device("cpu"))
     assert 3 * 128256 * 4 * rows <= _linear.CHUNK_BYTES["cpu"] and rows >= 64
     assert _linear.default_chunk_size(5, 10, 1, torch.device("cpu")) == 5
+
+
+def test_teachers_in_another_dtype_than_the_student():
+    """A float64 student with a bfloat16 teacher (and the reverse): the teacher's logits take
+    the student's logits dtype, as distillation_loss promotes them."""
+    sample = LinearSample("mixed", n=9, hidden=(6, 5), v=21, chunk_size=4)
+    for student_dtype, teacher_dtype in (
+        (torch.float64, torch.bfloat16),
+        (torch.bfloat16, torch.float64),
+    ):
+        x, labels = sample.inputs(student_dtype)
+        teacher, _ = sample.inputs(teacher_dtype)
+        for k in ("teacher_hidden", "teacher_weight", "teacher_bias"):
+            x[k] = teacher[k]
+        out = kd.linear_distillation_loss(**x, labels=labels, **sample.kwargs())
+        ref = sample.reference({k: _double(v) for k, v in x.items()}, labels)
+        assert rel_error(out, ref) < TOLERANCE[torch.bfloat16]
