@@ -110,3 +110,27 @@ def test_idx_reader_refuses_a_wrong_magic_number_and_a_short_file(tmp_path):
         read_idx(path)
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_idx_dir(str(tmp_path))
+
+
+def test_the_time_estimate_counts_every_stage():
+    """The whole-run bar's total (planned_cost) is exactly what the stages tick off."""
+    from kdkernels.train.data import load_digits_split
+    from kdkernels.train.experiments import EXPERIMENTS, planned_cost, run_seed
+
+    data = load_digits_split()
+    cfg = Config(
+        teachers=1,
+        teacher_hidden=8,
+        teacher_epochs=1,
+        student_hidden=8,
+        student_epochs=2,
+        small_epochs=3,
+    )
+    s = cfg.settings(data)
+    ticked = []
+
+    def stage(name, epochs, cost):
+        return lambda: ticked.append(cost)
+
+    run_seed(data, s, 0, EXPERIMENTS, stage)
+    assert sum(ticked) == planned_cost(data, s, EXPERIMENTS)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .data import Data, load_digits_split, load_idx_dir
-from .experiments import EXPERIMENTS, TABLES, Settings, run_seed
+from .experiments import EXPERIMENTS, TABLES, Settings, planned_cost, run_seed
 from .report import plot
 
 
@@ -63,35 +63,34 @@ class Config:
 
 
 class _Stages:
-    """One progress bar per stage with the stage's name, under a bar of the whole run whose
-    rate gives the estimate of the time left."""
+    """One progress bar per stage with the stage's name, under a bar of the whole run counted in
+    multiply-adds, whose rate gives an estimate of the time left (stages differ 50-fold in the
+    cost of an epoch)."""
 
-    def __init__(self, total_epochs: int, enabled: bool) -> None:
+    def __init__(self, total_cost: int, enabled: bool) -> None:
         from tqdm import tqdm
 
         self._tqdm, self.enabled = tqdm, enabled
-        self.total = tqdm(total=total_epochs, desc="all stages", unit="epoch", disable=not enabled)
+        self.total = tqdm(
+            total=total_cost,
+            desc="whole run (multiply-adds)",
+            unit="MAC",
+            unit_scale=True,
+            disable=not enabled,
+        )
 
-    def __call__(self, name: str, epochs: int):
+    def __call__(self, name: str, epochs: int, cost: int):
         bar = self._tqdm(
             total=epochs, desc=name, unit="epoch", leave=False, position=1, disable=not self.enabled
         )
 
         def tick() -> None:
             bar.update(1)
-            self.total.update(1)
+            self.total.update(cost)
             if bar.n >= epochs:
                 bar.close()
 
         return tick
-
-
-def _epochs_per_seed(s: Settings, experiments: tuple[str, ...]) -> int:
-    total = s.teachers * s.teacher_epochs
-    if "ensemble" in experiments or "small" in experiments:
-        total += s.student_epochs
-    total += s.student_epochs * (("ensemble" in experiments) + ("omit" in experiments))
-    return total + 2 * s.small_epochs * ("small" in experiments)
 
 
 def main(cfg: Config) -> dict:
@@ -103,7 +102,7 @@ def main(cfg: Config) -> dict:
     start = time.perf_counter()
     data = load_idx_dir(cfg.data_dir) if cfg.data_dir else load_digits_split()
     s = cfg.settings(data)
-    stages = _Stages(cfg.seeds * _epochs_per_seed(s, experiments), cfg.progress)
+    stages = _Stages(cfg.seeds * planned_cost(data, s, experiments), cfg.progress)
     results = [run_seed(data, s, seed, experiments, stages) for seed in range(cfg.seeds)]
     stages.total.close()
     seconds = time.perf_counter() - start

@@ -58,6 +58,37 @@ class Settings:
         )
 
 
+def epoch_cost(rows: int, inputs: int, hidden: int, eval_rows: int = 0, eval_every: int = 1) -> int:
+    """Multiply-adds of one epoch of a 2-hidden-layer MLP (forward and backward on `rows`, a
+    forward on `eval_rows` every `eval_every` epochs): the unit of the run's time estimate."""
+    params = inputs * hidden + hidden * hidden + hidden * 10
+    return 3 * rows * params + eval_rows * params // eval_every
+
+
+def planned_cost(data: Data, s: Settings, experiments: tuple[str, ...]) -> int:
+    """epoch_cost summed over one seed's stages, as run_seed runs them."""
+    n, d, h = len(data.y_train), data.x_train.shape[1], s.student_hidden
+    held_out = len(data.y_val) + len(data.y_test)
+    student = epoch_cost(n, d, h, held_out)
+    total = s.teachers * s.teacher_epochs * epoch_cost(n, d, s.teacher_hidden)
+    total += (
+        s.student_epochs * student * (("ensemble" in experiments) + ("small" in experiments) > 0)
+    )
+    total += s.student_epochs * student * ("ensemble" in experiments)
+    if "omit" in experiments:
+        rows = int((data.y_train != s.omitted_class).sum())
+        total += s.student_epochs * epoch_cost(rows, d, h, held_out)
+    if "small" in experiments:
+        k = _small_rows(s, n)
+        every = max(1, s.small_epochs // 200)
+        total += 2 * s.small_epochs * epoch_cost(k, d, h, held_out, every)
+    return total
+
+
+def _small_rows(s: Settings, n: int) -> int:
+    return max(10, round(s.small_fraction * n))
+
+
 def _logits(models: list[nn.Module], x: Tensor) -> Tensor:
     with torch.no_grad():
         return torch.stack([m(x) for m in models])
@@ -67,7 +98,8 @@ def run_seed(
     data: Data, s: Settings, seed: int, experiments: tuple[str, ...], stage: Callable
 ) -> dict:
     """Every asked experiment on one seed: teachers first, then one student run per arm.
-    `stage(name, epochs)` returns the per-epoch tick of a named progress stage."""
+    `stage(name, epochs, cost)` returns the per-epoch tick of a named progress stage whose
+    epochs each cost `cost` (epoch_cost)."""
     teachers = [
         train_teacher(
             data,
@@ -76,7 +108,11 @@ def run_seed(
             s.teacher_dropout,
             s.jitter,
             seed * 1000 + m,
-            stage(f"seed {seed}: teacher {m + 1}/{s.teachers}", s.teacher_epochs),
+            stage(
+                f"seed {seed}: teacher {m + 1}/{s.teachers}",
+                s.teacher_epochs,
+                epoch_cost(len(data.y_train), data.x_train.shape[1], s.teacher_hidden),
+            ),
         )
         for m in range(s.teachers)
     ]
@@ -87,7 +123,10 @@ def run_seed(
     out: dict = {"seed": seed}
 
     def student(name: str, d: Data, epochs: int, logits: Tensor | None):
-        tick = stage(f"seed {seed}: {name}", epochs)
+        held_out = len(data.y_val) + len(data.y_test)
+        every = max(1, epochs // 200)  # train_student's evaluations
+        cost = epoch_cost(len(d.y_train), d.x_train.shape[1], s.student_hidden, held_out, every)
+        tick = stage(f"seed {seed}: {name}", epochs, cost)
         criterion = None if logits is None else s.criterion()
         return train_student(d, init, epochs, seed, tick, logits, criterion)
 
@@ -120,7 +159,7 @@ def run_seed(
         }
     if "small" in experiments:
         gen = torch.Generator().manual_seed(seed + 20_000)
-        k = max(10, round(s.small_fraction * len(data.y_train)))
+        k = _small_rows(s, len(data.y_train))
         rows = torch.randperm(len(data.y_train), generator=gen)[:k]
         small = data.train_rows(rows)
         hard = student(f"{k} rows, hard labels", small, s.small_epochs, None)
