@@ -82,11 +82,14 @@ def _backward(ctx, grad_row_loss: Tensor | None, _unused: Tensor | None):
         # Under allow_repeated_backward() too, which keeps the saved gradient intact.
         return (grad * scale, no_grads) + (None,) * (3 + len(OpOptions._fields))
     # Eager: the saved gradient is ours alone, so scale it in place (no new [N, C] buffer), or
-    # not at all for loss.backward() on a CPU mean/sum. Scaling moves its version on, so a later
-    # backward through this graph (retain_graph=True) raises _SCALED_ALREADY instead of being
-    # wrong; left unscaled it is still right for a later backward.
+    # not at all for loss.backward() on a CPU mean/sum. Either way its version moves on, so a
+    # later backward through this graph (retain_graph=True) raises _SCALED_ALREADY instead of
+    # scaling a tensor already handed out as a gradient.
     if not (grad.device.type == "cpu" and _is_broadcast_one(grad_row_loss)):
         grad.mul_(scale)
+    else:  # handed out unscaled (it may become a leaf's .grad): a later backward through this
+        # graph must raise _SCALED_ALREADY rather than scale it in place
+        torch.autograd.graph.increment_version(grad)
     return (grad, no_grads) + (None,) * (3 + len(OpOptions._fields))
 
 

@@ -86,7 +86,8 @@ class _Head:
     def to_pre_activation(self, grad: Tensor, logits: Tensor) -> Tensor:
         """d loss / d (hidden @ weight.T + bias), in place over the gradient of the logits."""
         if self.softcap is not None:  # d/dz softcap tanh(z / softcap) = 1 - tanh^2
-            grad *= 1.0 - (logits / self.softcap).square()
+            slope = logits / self.softcap  # one chunk-sized temporary
+            grad *= slope.square_().neg_().add_(1.0)
         if self.scale != 1.0:
             grad *= self.scale
         return grad
@@ -141,9 +142,49 @@ def _linear_kd_impl(
     carry no gradient here: backward calls the op again with `grad_rows`, the upstream
     gradient of each row. A gradient not asked for in `needs_grad` (hidden, weight, bias) is
     an empty tensor. logit_scales and softcaps: (student, teachers); a softcap of 0 is none."""
+    # The logits are float32 whatever the caller's autocast says (HF Trainer(bf16=True) runs
+    # the loss under autocast; backward's recomputation for "none" runs outside it).
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        return _chunk_loop(
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            labels,
+            num_items,
+            grad_rows,
+            teacher_weights,
+            logit_scales,
+            softcaps,
+            chunk_size,
+            needs_grad,
+            backend,
+            OpOptions(*options),
+        )
+
+
+def _chunk_loop(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+    teacher_hidden: list[Tensor],
+    teacher_weight: list[Tensor],
+    teacher_bias: list[Tensor],
+    labels: Tensor | None,
+    num_items: Tensor | None,
+    grad_rows: Tensor | None,
+    teacher_weights: list[float],
+    logit_scales: list[float],
+    softcaps: list[float],
+    chunk_size: int,
+    needs_grad: list[bool],
+    backend: str,
+    o: OpOptions,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ._backends import REGISTRY  # the registry imports this module's users
 
-    o = OpOptions(*options)
     compute_grad = any(needs_grad) and (o.reduction != "none" or grad_rows is not None)
     kernel_options = o._replace(compute_grad=compute_grad)
     impl = REGISTRY[backend].impl
@@ -155,7 +196,8 @@ def _linear_kd_impl(
     need_hidden, need_weight, need_bias = needs_grad if compute_grad else (False,) * 3
     n = student_hidden.shape[0]
     acc = _acc_dtype(student_hidden)
-    grad_hidden = torch.empty_like(student_hidden) if need_hidden else student_hidden.new_empty(0)
+    # Contiguous whatever the input's strides, as the fake says.
+    grad_hidden = student_hidden.new_empty(student_hidden.shape if need_hidden else 0)
     # The weight and bias gradients accumulate over the chunks in float32 (float64 for float64
     # inputs) and are cast once at the end.
     grad_weight = student_weight.new_zeros(student_weight.shape if need_weight else 0, dtype=acc)
@@ -238,6 +280,8 @@ def _scaled(grad: Tensor, scale: Tensor) -> Tensor:
         return grad * scale
     if grad.is_cuda or float(scale) != 1.0:  # reading a CPU scalar is free; a GPU one syncs
         grad.mul_(scale)
+    else:  # handed out unscaled: a later backward must not scale it in place either
+        torch.autograd.graph.increment_version(grad)
     return grad
 
 

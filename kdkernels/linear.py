@@ -54,7 +54,8 @@ def linear_distillation_loss(
 
     Args:
         student_hidden: [..., H] float32/float16/bfloat16/float64; leading dimensions are rows.
-        student_weight: [V, H], the student's lm_head weight (same dtype and device).
+        student_weight: [V, H], the student's lm_head weight: the hidden states' dtype (or
+            float32 with half-precision hidden states), on their device.
         teacher_hidden: [..., H_m] with the student's leading shape, or a list of them (an
             ensemble; members may have different hidden sizes). Teachers get no gradient.
         teacher_weight: [V, H_m], or a list, one per teacher hidden state. A vocabulary larger
@@ -98,8 +99,8 @@ def linear_distillation_loss(
     caps = [_softcap("student_softcap", student_softcap)]
     caps.append(_softcap("teacher_softcap", teacher_softcap))
 
-    rows = hidden.reshape(-1, h)
-    n = rows.shape[0]
+    n = math.prod(lead)
+    rows = hidden.reshape(n, h)
     # Stride-0 stand-ins for the [N, V] logits that never exist: the label and backend checks
     # read only their shape, dtype and device.
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -120,7 +121,7 @@ def linear_distillation_loss(
         rows,
         weight,
         bias,
-        [t_hidden[m].reshape(n, -1).detach() for m in members],
+        [t_hidden[m].reshape(n, t_hidden[m].shape[-1]).detach() for m in members],
         [t_weight[m].detach() for m in members],
         # A teacher without a bias gets zeros (a Tensor[] argument: the op has one schema).
         [_zeros_if_none(t_bias[m], t_weight[m]) for m in members],
@@ -162,6 +163,13 @@ def _head_weight(name: str, weight: object, hidden: Tensor) -> Tensor:
         )
     if weight.device != hidden.device:
         raise ValueError(f"{name} is on {weight.device} but its hidden states on {hidden.device}")
+    if weight.dtype != hidden.dtype and not (
+        weight.dtype == torch.float32 and hidden.dtype in (torch.float16, torch.bfloat16)
+    ):
+        raise TypeError(
+            f"{name} is {weight.dtype} but its hidden states are {hidden.dtype}; expected the "
+            "same dtype (or a float32 weight with float16/bfloat16 hidden states)"
+        )
     return weight
 
 

@@ -299,6 +299,7 @@ def test_module_takes_nn_linear_heads():
         (dict(student_weight=torch.randn(37, 5)), r"student_weight must be \[V, 8\]"),
         (dict(teacher_hidden=torch.randn(12, 6)), "teacher_hidden must be"),
         (dict(student_bias=torch.randn(36)), r"student_bias must be \[37\]"),
+        (dict(student_weight=torch.randn(37, 8).double()), "student_weight is torch.float64 but"),
         (dict(chunk_size=0), "chunk_size must be a positive int"),
         (dict(student_softcap=-1.0), "student_softcap must be None or > 0"),
         (dict(teacher_logit_scale=float("nan")), "teacher_logit_scale must be a finite"),
@@ -324,8 +325,8 @@ def test_default_chunk_size_bounds_the_chunk_memory():
 
 
 def test_teachers_in_another_dtype_than_the_student():
-    """A float64 student with a bfloat16 teacher (and the reverse): the teacher's logits take
-    the student's logits dtype, as distillation_loss promotes them."""
+    """A float64 student with a bfloat16 teacher (and the reverse): the teacher's logits are
+    converted to the student's logits dtype (float64, or float32 for a half student)."""
     sample = LinearSample("mixed", n=9, hidden=(6, 5), v=21, chunk_size=4)
     for student_dtype, teacher_dtype in (
         (torch.float64, torch.bfloat16),
@@ -338,3 +339,57 @@ def test_teachers_in_another_dtype_than_the_student():
         out = kd.linear_distillation_loss(**x, labels=labels, **sample.kwargs())
         ref = sample.reference({k: _double(v) for k, v in x.items()}, labels)
         assert rel_error(out, ref) < TOLERANCE[torch.bfloat16]
+
+
+def test_zero_rows_give_a_zero_loss_and_gradients():
+    for lead in ((0,), (2, 0)):
+        h = torch.randn(*lead, 8, requires_grad=True)
+        w = torch.randn(37, 8, requires_grad=True)
+        loss = kd.linear_distillation_loss(h, w, torch.randn(*lead, 6), torch.randn(37, 6))
+        loss.backward()
+        assert loss.item() == 0.0 and h.grad.shape == h.shape
+        assert torch.count_nonzero(w.grad) == 0
+
+
+def test_logits_stay_float32_under_autocast():
+    """Hugging Face's Trainer(bf16=True) runs the loss under autocast: the chunk's matmuls must
+    still give float32 logits (and reduction='none' backward, outside autocast, the same)."""
+    sample = LinearSample("autocast", n=11, v=29)
+    for reduction in ("mean", "none"):
+        sample.options = dict(reduction=reduction)
+        x, labels = sample.inputs(torch.float32)
+        x["student_weight"].requires_grad_(True)
+        plain = kd.linear_distillation_loss(**x, labels=labels, **sample.kwargs())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = kd.linear_distillation_loss(**x, labels=labels, **sample.kwargs())
+        torch.testing.assert_close(auto, plain)
+        (g_plain,) = torch.autograd.grad(plain.sum(), x["student_weight"])
+        (g_auto,) = torch.autograd.grad(auto.sum(), x["student_weight"])
+        torch.testing.assert_close(g_auto, g_plain)
+
+
+def test_opcheck_on_transposed_hidden_states():
+    """The gradient of a non-contiguous hidden state is contiguous, as the fake says."""
+    sample = LinearSample("strides", n=6, hidden=(5, 4), v=9, chunk_size=4)
+    x, labels = sample.inputs(torch.float32)
+    hidden = x["student_hidden"].T.contiguous().T.requires_grad_(True)
+    options = kd._validate.Options().as_dict()
+    args = (
+        hidden,
+        x["student_weight"],
+        None,
+        x["teacher_hidden"],
+        x["teacher_weight"],
+        x["teacher_bias"],
+        labels,
+        None,
+        None,
+        [1.0],
+        [1.0, 1.0],
+        [0.0, 0.0],
+        4,
+        [True, False, False],
+        "cpu",
+        *kd._fused.OpOptions(**options, compute_grad=True),
+    )
+    torch.library.opcheck(_linear.linear_kd, args)
