@@ -239,7 +239,9 @@ def _weights(teacher_weights: object, m: int) -> list[float]:
     return [w / total for w in weights]
 
 
-def _labels(labels: object, student: Tensor, options: Options) -> Tensor | None:
+def _labels(
+    labels: object, student: Tensor, options: Options, student_name: str = "student_logits"
+) -> Tensor | None:
     if labels is None:
         return None
     if not isinstance(labels, Tensor):
@@ -252,7 +254,7 @@ def _labels(labels: object, student: Tensor, options: Options) -> Tensor | None:
             f"{tuple(student.shape[:-1])}"
         )
     if labels.device != student.device:
-        raise ValueError(f"labels is on {labels.device} but student_logits is on {student.device}")
+        raise ValueError(f"labels is on {labels.device} but {student_name} is on {student.device}")
     flat = labels.reshape(-1).to(torch.int64).contiguous()
     host_check = labels.device.type == "cpu" or HOST_LABEL_CHECK
     if host_check and not torch.compiler.is_compiling() and flat.numel() > 0:

@@ -105,7 +105,7 @@ def linear_distillation_loss(
     # read only their shape, dtype and device.
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits_like = rows.new_empty(1, dtype=acc).as_strided((*lead, v), (0,) * (len(lead) + 1))
-    flat_labels = _labels(labels, logits_like, o)
+    flat_labels = _labels(labels, logits_like, o, student_name="student_hidden")
     num_items = _num_items(num_items_in_batch, o, hidden.device)
     if num_items is None and o.reduction == "mean":  # the counts of all rows, before the chunks
         num_items = _row_counts(flat_labels, n, o, hidden.device)

@@ -301,6 +301,7 @@ def test_module_takes_nn_linear_heads():
         (dict(student_bias=torch.randn(36)), r"student_bias must be \[37\]"),
         (dict(student_weight=torch.randn(37, 8).double()), "student_weight is torch.float64 but"),
         (dict(chunk_size=0), "chunk_size must be a positive int"),
+        (dict(labels=torch.zeros(13, dtype=torch.long, device="meta")), "but student_hidden is"),
         (dict(student_softcap=-1.0), "student_softcap must be None or > 0"),
         (dict(teacher_logit_scale=float("nan")), "teacher_logit_scale must be a finite"),
         (dict(backend="torch"), "backend='torch' has no fused kernel"),
