@@ -98,6 +98,9 @@ def _chunks(n: int, chunk_size: int):
         yield slice(start, min(n, start + chunk_size))
 
 
+_HEAD = 15  # the op's arguments before the loss options (op_signature gives their names)
+
+
 @op_signature(
     [
         ("student_hidden", Tensor),
@@ -118,24 +121,7 @@ def _chunks(n: int, chunk_size: int):
     ],
     tuple[Tensor, Tensor, Tensor, Tensor],
 )
-def _linear_kd_impl(
-    student_hidden: Tensor,
-    student_weight: Tensor,
-    student_bias: Tensor | None,
-    teacher_hidden: list[Tensor],
-    teacher_weight: list[Tensor],
-    teacher_bias: list[Tensor],
-    labels: Tensor | None,
-    num_items: Tensor | None,
-    grad_rows: Tensor | None,
-    teacher_weights: list[float],
-    logit_scales: list[float],
-    softcaps: list[float],
-    chunk_size: int,
-    needs_grad: list[bool],
-    backend: str,
-    *options,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _linear_kd_impl(*arguments) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, d loss/d student_hidden, d/d student_weight, d/d student_bias) for [N, H] hidden
     states. The loss is the sum of the row losses (mean: the kernel divides by the counts in
     `num_items`, taken over all rows) or, for reduction "none", the [N] row losses, which
@@ -144,25 +130,8 @@ def _linear_kd_impl(
     an empty tensor. logit_scales and softcaps: (student, teachers); a softcap of 0 is none."""
     # The logits are float32 whatever the caller's autocast says (HF Trainer(bf16=True) runs
     # the loss under autocast; backward's recomputation for "none" runs outside it).
-    with torch.autocast(student_hidden.device.type, enabled=False):
-        return _chunk_loop(
-            student_hidden,
-            student_weight,
-            student_bias,
-            teacher_hidden,
-            teacher_weight,
-            teacher_bias,
-            labels,
-            num_items,
-            grad_rows,
-            teacher_weights,
-            logit_scales,
-            softcaps,
-            chunk_size,
-            needs_grad,
-            backend,
-            OpOptions(*options),
-        )
+    with torch.autocast(arguments[0].device.type, enabled=False):
+        return _chunk_loop(*arguments[:_HEAD], OpOptions(*arguments[_HEAD:]))
 
 
 def _chunk_loop(
@@ -255,8 +224,6 @@ def _linear_kd_fake(student_hidden, student_weight, student_bias, teacher_hidden
 
 linear_kd = torch.library.custom_op("kdkernels::linear_kd", mutates_args=())(_linear_kd_impl)
 linear_kd.register_fake(_linear_kd_fake)
-
-_HEAD = 15  # the op's arguments before the loss options
 
 
 def _setup_context(ctx, inputs, output) -> None:

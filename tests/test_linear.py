@@ -197,31 +197,35 @@ def test_gradcheck_float64():
             assert torch.autograd.gradcheck(lambda *a, r=reduction: loss(*a, r), args)
 
 
+def _op_arguments(x: dict, labels, needs_grad: list[bool], reduction: str = "mean") -> tuple:
+    """The raw arguments of kdkernels::linear_kd for one teacher on the CPU backend."""
+    options = kd._validate.Options(reduction=reduction).as_dict()
+    return (
+        x["student_hidden"],
+        x["student_weight"],
+        x["student_bias"],
+        x["teacher_hidden"],
+        x["teacher_weight"],
+        x["teacher_bias"],
+        labels,
+        None,
+        None,
+        [1.0],
+        [1.0, 1.0],
+        [0.0, 3.0],
+        4,
+        needs_grad,
+        "cpu",
+        *kd._fused.OpOptions(**options, compute_grad=True),
+    )
+
+
 def test_opcheck():
     sample = LinearSample("opcheck", n=6, hidden=(4, 5), v=11, chunk_size=4)
     for reduction in ("mean", "none"):
         x, labels = sample.inputs(torch.float32)
         x["student_weight"].requires_grad_(True)
-        args = (
-            x["student_hidden"],
-            x["student_weight"],
-            x["student_bias"],
-            x["teacher_hidden"],
-            x["teacher_weight"],
-            x["teacher_bias"],
-            labels,
-            None,
-            None,
-            [1.0],
-            [1.0, 1.0],
-            [0.0, 3.0],
-            4,
-            [False, True, False],
-            "cpu",
-            *kd._fused.OpOptions(
-                **kd._validate.Options(reduction=reduction).as_dict(), compute_grad=True
-            ),
-        )
+        args = _op_arguments(x, labels, [False, True, False], reduction)
         torch.library.opcheck(_linear.linear_kd, args)
 
 
@@ -373,24 +377,5 @@ def test_opcheck_on_transposed_hidden_states():
     """The gradient of a non-contiguous hidden state is contiguous, as the fake says."""
     sample = LinearSample("strides", n=6, hidden=(5, 4), v=9, chunk_size=4)
     x, labels = sample.inputs(torch.float32)
-    hidden = x["student_hidden"].T.contiguous().T.requires_grad_(True)
-    options = kd._validate.Options().as_dict()
-    args = (
-        hidden,
-        x["student_weight"],
-        None,
-        x["teacher_hidden"],
-        x["teacher_weight"],
-        x["teacher_bias"],
-        labels,
-        None,
-        None,
-        [1.0],
-        [1.0, 1.0],
-        [0.0, 0.0],
-        4,
-        [True, False, False],
-        "cpu",
-        *kd._fused.OpOptions(**options, compute_grad=True),
-    )
-    torch.library.opcheck(_linear.linear_kd, args)
+    x["student_hidden"] = x["student_hidden"].T.contiguous().T.requires_grad_(True)
+    torch.library.opcheck(_linear.linear_kd, _op_arguments(x, labels, [True, False, False]))
