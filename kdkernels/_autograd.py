@@ -6,7 +6,7 @@ and the eager fast path that skips torch.library's Python dispatch when nothing 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -76,21 +76,26 @@ def _backward(ctx, grad_row_loss: Tensor | None, _unused: Tensor | None):
     no_grads = ctx.teacher_grads
     if grad_row_loss is None:  # the loss itself received no gradient
         return (None, no_grads) + (None,) * (3 + len(OpOptions._fields))
-    scale = grad_row_loss.unsqueeze(1)
-    if type(grad) is not torch.Tensor or torch.compiler.is_compiling() or _repeat_backward:
-        # Traced (torch.compile, AOT): the functional form; the compiler plans the buffers.
-        # Under allow_repeated_backward() too, which keeps the saved gradient intact.
-        return (grad * scale, no_grads) + (None,) * (3 + len(OpOptions._fields))
-    # Eager: the saved gradient is ours alone, so scale it in place (no new [N, C] buffer), or
-    # not at all for loss.backward() on a CPU mean/sum. Either way its version moves on, so a
-    # later backward through this graph (retain_graph=True) raises _SCALED_ALREADY instead of
-    # scaling a tensor already handed out as a gradient.
-    if not (grad.device.type == "cpu" and _is_broadcast_one(grad_row_loss)):
-        grad.mul_(scale)
-    else:  # handed out unscaled (it may become a leaf's .grad): a later backward through this
-        # graph must raise _SCALED_ALREADY rather than scale it in place
-        torch.autograd.graph.increment_version(grad)
+    grad = scale_saved_gradient(
+        grad, grad_row_loss.unsqueeze(1), lambda: _is_broadcast_one(grad_row_loss)
+    )
     return (grad, no_grads) + (None,) * (3 + len(OpOptions._fields))
+
+
+def scale_saved_gradient(grad: Tensor, scale: Tensor, scale_is_one: Callable[[], bool]) -> Tensor:
+    """grad * scale for a gradient a forward pass saved (every fused op's, the hidden-state
+    op's). Traced (torch.compile, AOT) or under allow_repeated_backward(): the functional form.
+    Eager: the saved gradient is ours alone, so it is scaled in place (no new buffer), or not
+    at all on the CPU when `scale_is_one()` (a free read there). Either way its version moves
+    on, so a later backward through the graph (retain_graph=True) raises _SCALED_ALREADY
+    instead of scaling a tensor already handed out as a gradient (a leaf's .grad)."""
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling() or _repeat_backward:
+        return grad * scale
+    if grad.device.type == "cpu" and scale_is_one():
+        torch.autograd.graph.increment_version(grad)
+    else:
+        grad.mul_(scale)
+    return grad
 
 
 _registered: set[int] = set()

@@ -65,7 +65,7 @@ def _dtype_name(x: Tensor) -> str:
     return str(x.dtype).removeprefix("torch.")
 
 
-def _loss_dtype(student: Tensor) -> torch.dtype:
+def loss_dtype(student: Tensor) -> torch.dtype:
     return torch.float64 if student.dtype == torch.float64 else torch.float32
 
 
@@ -124,7 +124,7 @@ def kernel_arguments(
     compute_grad, the gradient [N, C] (else an empty tensor)."""
     check_op_inputs(student, teachers, labels, num_items, len(weights))
     n, c = student.shape
-    row_loss = student.new_empty((n,), dtype=_loss_dtype(student))
+    row_loss = student.new_empty((n,), dtype=loss_dtype(student))
     grad = student.new_empty((n, c) if o.compute_grad else (0,))
     arguments = dict(
         student=student.data_ptr(),
@@ -161,7 +161,7 @@ def fused_fake(
     """The fake (meta) implementation of every fused op: the output shapes and dtypes."""
     compute_grad = options_and_compute_grad[-1]
     n, c = student.shape
-    row_loss = student.new_empty((n,), dtype=_loss_dtype(student))
+    row_loss = student.new_empty((n,), dtype=loss_dtype(student))
     return row_loss, student.new_empty((n, c) if compute_grad else (0,))
 
 

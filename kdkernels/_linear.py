@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _autograd
-from ._fused import OpOptions, op_signature
+from ._fused import OpOptions, loss_dtype, op_signature
 
 HALF = (torch.float16, torch.bfloat16)
 # The memory the chunk loop may use for one chunk's float32 logits, gradient and teacher logits:
@@ -154,7 +154,8 @@ def _chunk_loop(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ._backends import REGISTRY  # the registry imports this module's users
 
-    compute_grad = any(needs_grad) and (o.reduction != "none" or grad_rows is not None)
+    need_hidden, need_weight, need_bias = _gradients_computed(needs_grad, o, grad_rows)
+    compute_grad = need_hidden or need_weight or need_bias
     kernel_options = o._replace(compute_grad=compute_grad)
     impl = REGISTRY[backend].impl
     student = _Head(student_weight, student_bias, logit_scales[0], softcaps[0] or None)
@@ -162,9 +163,8 @@ def _chunk_loop(
         _Head(w, b, logit_scales[1], softcaps[1] or None)
         for w, b in zip(teacher_weight, teacher_bias, strict=True)
     ]
-    need_hidden, need_weight, need_bias = needs_grad if compute_grad else (False,) * 3
     n = student_hidden.shape[0]
-    acc = _acc_dtype(student_hidden)
+    acc = loss_dtype(student_hidden)
     # Contiguous whatever the input's strides, as the fake says.
     grad_hidden = student_hidden.new_empty(student_hidden.shape if need_hidden else 0)
     # The weight and bias gradients accumulate over the chunks in float32 (float64 for float64
@@ -202,17 +202,22 @@ def _chunk_loop(
     return loss, grad_hidden, grad_weight.to(student_weight.dtype), grad_bias.to(bias_dtype)
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _gradients_computed(
+    needs_grad: list[bool], o: OpOptions, grad_rows: Tensor | None
+) -> tuple[bool, bool, bool]:
+    """Which of the (hidden, weight, bias) gradients a call computes: those asked for, except
+    in the forward pass of reduction "none" (backward recomputes them with `grad_rows`)."""
+    if o.reduction == "none" and grad_rows is None:
+        return False, False, False
+    return tuple(needs_grad)
 
 
 def _linear_kd_fake(student_hidden, student_weight, student_bias, teacher_hidden, *rest):
     grad_rows, needs_grad, options = rest[4], rest[9], rest[11:]
     o = OpOptions(*options)
-    acc = _acc_dtype(student_hidden)
+    acc = loss_dtype(student_hidden)
     n = student_hidden.shape[0]
-    compute = any(needs_grad) and (o.reduction != "none" or grad_rows is not None)
-    need_hidden, need_weight, need_bias = needs_grad if compute else (False,) * 3
+    need_hidden, need_weight, need_bias = _gradients_computed(needs_grad, o, grad_rows)
     bias_dtype = acc if student_bias is None else student_bias.dtype
     return (
         student_hidden.new_empty((n,) if o.reduction == "none" else (), dtype=acc),
@@ -241,17 +246,6 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _scaled(grad: Tensor, scale: Tensor) -> Tensor:
-    """grad * scale, in place where only this op can see the gradient (as _autograd does)."""
-    if type(grad) is not Tensor or torch.compiler.is_compiling() or _autograd._repeat_backward:
-        return grad * scale
-    if grad.is_cuda or float(scale) != 1.0:  # reading a CPU scalar is free; a GPU one syncs
-        grad.mul_(scale)
-    else:  # handed out unscaled: a later backward must not scale it in place either
-        torch.autograd.graph.increment_version(grad)
-    return grad
-
-
 def _backward(ctx, grad_loss: Tensor | None, *_unused):
     if torch.is_grad_enabled():
         raise RuntimeError("kdkernels: double backward (create_graph=True) is not supported")
@@ -268,7 +262,10 @@ def _backward(ctx, grad_loss: Tensor | None, *_unused):
             sh, sw, sb, th, tw, tb, labels, num_items, grad_loss.contiguous(), *ctx.arguments
         )
     else:
-        grads = [_scaled(g, grad_loss) for g in _autograd.saved_gradients(ctx)]
+        grads = [
+            _autograd.scale_saved_gradient(g, grad_loss, lambda: float(grad_loss) == 1.0)
+            for g in _autograd.saved_gradients(ctx)
+        ]
     grads = [g if need else None for g, need in zip(grads, ctx.needs_grad, strict=True)]
     return (*grads, *nothing[3:])
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._autograd import register_fused_op, run_fused
 from ._fused import OpOptions, check_op_inputs, fused_op_signature
-from ._validate import DEFAULT_BETA, Problem, divergence_of
+from ._validate import DEFAULT_BETA, Problem, divergence_of, row_counts
 
 try:
     import triton
@@ -456,11 +456,7 @@ def _fused_kd_triton_impl(
     if num_items is not None:  # num_items_in_batch: the caller's denominators
         counts = num_items.to(torch.float32)
     elif device_counts:  # summed on the device: no host synchronisation
-        soft_rows = labels != o.ignore_index
-        hard_rows = (
-            soft_rows if o.unlabeled_index is None else soft_rows & (labels != o.unlabeled_index)
-        )
-        counts = torch.stack([soft_rows.sum(), hard_rows.sum()]).to(torch.float32)
+        counts = row_counts(labels, n, o, student.device).to(torch.float32)
     else:
         counts = row_loss  # not read
         if o.reduction == "mean":  # no labels: every row is soft-only, and n is known here

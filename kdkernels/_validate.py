@@ -277,6 +277,17 @@ def _labels(
     return flat
 
 
+def row_counts(labels: Tensor | None, n: int, options, device: torch.device) -> Tensor:
+    """int64 [2] on `device`: the rows that take the soft term and those that take the hard
+    term (no labels: all n soft, none hard), summed on the device, without a host sync.
+    `options`: anything with ignore_index and unlabeled_index (Options, OpOptions)."""
+    if labels is None:
+        return torch.tensor([n, 0], dtype=torch.int64, device=device)
+    soft = labels != options.ignore_index
+    hard = soft if options.unlabeled_index is None else soft & (labels != options.unlabeled_index)
+    return torch.stack([soft.sum(), hard.sum()])
+
+
 def _num_items(value: object, options: Options, device: torch.device) -> Tensor | None:
     """num_items_in_batch as int64 [2] (soft, hard) on `device`, built there from Python ints
     (a fill, not a host-to-device copy) or moved there from tensors without a host sync."""

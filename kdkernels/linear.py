@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _backends
-from ._fused import OpOptions
+from ._fused import OpOptions, loss_dtype
 from ._linear import default_chunk_size, linear_kd
 from ._validate import (
     FLOAT_DTYPES,
@@ -21,6 +21,7 @@ from ._validate import (
     _labels,
     _num_items,
     _weights,
+    row_counts,
     validate_options,
 )
 
@@ -103,12 +104,13 @@ def linear_distillation_loss(
     rows = hidden.reshape(n, h)
     # Stride-0 stand-ins for the [N, V] logits that never exist: the label and backend checks
     # read only their shape, dtype and device.
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits_like = rows.new_empty(1, dtype=acc).as_strided((*lead, v), (0,) * (len(lead) + 1))
+    logits_like = rows.new_empty(1, dtype=loss_dtype(hidden)).as_strided(
+        (*lead, v), (0,) * (len(lead) + 1)
+    )
     flat_labels = _labels(labels, logits_like, o, student_name="student_hidden")
     num_items = _num_items(num_items_in_batch, o, hidden.device)
     if num_items is None and o.reduction == "mean":  # the counts of all rows, before the chunks
-        num_items = _row_counts(flat_labels, n, o, hidden.device)
+        num_items = row_counts(flat_labels, n, o, hidden.device)
     chosen = _backend(backend, logits_like.reshape(-1, v), len(members), o)
     if chunk_size is None:
         chunk_size = default_chunk_size(n, v, len(members), hidden.device)
@@ -236,15 +238,6 @@ def _softcap(name: str, value: object) -> float | None:
     if _finite(name, value) <= 0:
         raise ValueError(f"{name} must be None or > 0, got {value!r}")
     return float(value)
-
-
-def _row_counts(labels: Tensor | None, n: int, o: Options, device: torch.device) -> Tensor:
-    """int64 [2]: the rows that take the soft term and the hard term, summed on the device."""
-    if labels is None:
-        return torch.tensor([n, 0], dtype=torch.int64, device=device)
-    soft = labels != o.ignore_index
-    hard = soft if o.unlabeled_index is None else soft & (labels != o.unlabeled_index)
-    return torch.stack([soft.sum(), hard.sum()])
 
 
 def _backend(name: str, logits_like: Tensor, m: int, o: Options) -> str:

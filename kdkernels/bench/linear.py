@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -25,7 +23,7 @@ from torch import Tensor
 import kdkernels
 
 from .cases import DTYPES, HARD_WEIGHT, SOFT_WEIGHT, TEMPERATURE, eager_kd_loss
-from .measure import _rss_kb, _sync
+from .measure import _sync, median_time, peak_rss_above
 
 
 @dataclass(frozen=True)
@@ -159,15 +157,7 @@ def _step(fn, x: dict[str, Tensor]) -> Tensor:
 
 
 def time_one(fn, x: dict[str, Tensor], device: str, repeats: int) -> tuple[float, float]:
-    loss = _step(fn, x)  # warm-up: compilation, allocator
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        loss = _step(fn, x)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), float(loss.detach())
+    return median_time(lambda: _step(fn, x), device, repeats)
 
 
 def peak_mb(provider: str, case: LinearCase, device: str) -> float:
@@ -195,12 +185,8 @@ def _child_peak(provider: str, case_json: str) -> None:
     case = LinearCase(**json.loads(case_json))
     x = case.inputs()
     fn = providers()[provider]
-    _step(fn, x)  # the gradients now exist, as they must after any step
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    base = _rss_kb("VmRSS:")
-    _step(fn, x)
-    print((_rss_kb("VmHWM:") - base) / 1024)
+    # After the warm-up step the gradients exist, as they must after any step.
+    print(peak_rss_above(lambda: _step(fn, x)))
 
 
 def run(

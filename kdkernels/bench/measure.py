@@ -50,7 +50,11 @@ def training_step(fn, case: Case, device: str = "cpu") -> tuple[Callable[[], Ten
 def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 1):
     """Median seconds of one call (forward, and backward when case.backward), and the loss."""
     once, _ = training_step(fn, case, device)
+    return median_time(once, device, repeats, warmup)
 
+
+def median_time(once: Callable[[], Tensor], device: str, repeats: int, warmup: int = 1):
+    """Median seconds of `once()` (which returns the loss) after `warmup` calls, and the loss."""
     for _ in range(warmup):
         loss = once()
     times = []
@@ -108,12 +112,18 @@ def child_peak_memory(provider: str, case_json: str) -> None:
         step()
         student.grad = None  # the gradient is the call's memory, not the inputs'
 
-    once()  # warm-up: compilation and allocator start-up are not the loss's memory
+    print(peak_rss_above(once))
+
+
+def peak_rss_above(once: Callable[[], object]) -> float:
+    """MB of resident memory one call of `once()` peaks at above what the process held before
+    it; one warm-up call first (compilation and allocator start-up are not its memory)."""
+    once()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset the peak (VmHWM) to the current resident size
     base = _rss_kb("VmRSS:")
     once()
-    print((_rss_kb("VmHWM:") - base) / 1024)
+    return (_rss_kb("VmHWM:") - base) / 1024
 
 
 @dataclass
