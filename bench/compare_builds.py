@@ -21,7 +21,7 @@ import time
 import torch
 
 from kdkernels import _C as this  # its KDArgs type is module-local: no clash with the other's
-from kdkernels._fused import OpOptions, kernel_arguments
+from kdkernels._fused import MAKE_ARGS_NAMES, OpOptions, kernel_arguments
 from kdkernels._validate import Options
 
 CASES = [  # (N, C, M, dtype, ensemble)
@@ -51,12 +51,12 @@ def raw_arguments(n, c, m, dtype, ensemble, near, keep):
     student = teachers.mean(0) + 0.05 * noise if near else 2 * noise
     student, teachers = student.to(dtype), list(teachers.to(dtype))
     labels = torch.randint(0, c, (n,), generator=gen)
-    options = OpOptions(**Options(ensemble=ensemble).as_dict(), compute_grad=True)
-    keywords, *outputs = kernel_arguments(
+    options = OpOptions(*Options(ensemble=ensemble).values, compute_grad=True)
+    arguments, *outputs = kernel_arguments(
         this, student, teachers, labels, None, [1 / m] * m, options
     )
     keep += [student, teachers, labels, *outputs]
-    return keywords
+    return dict(zip(MAKE_ARGS_NAMES, arguments, strict=True))
 
 
 def main() -> None:

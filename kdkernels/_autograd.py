@@ -30,24 +30,29 @@ def allow_repeated_backward() -> Iterator[None]:
         _repeat_backward = previous
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[1])
-    # Teachers come as a list (one None each) or as one stacked tensor (one None).
-    ctx.teacher_grads = None if isinstance(inputs[1], Tensor) else [None] * len(inputs[1])
-    ctx.mark_non_differentiable(output[1])
+def _save_gradient(ctx, grad: Tensor) -> None:
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(grad)
     # The gradient output never receives a gradient; without this autograd would materialise
     # an [N, C] zero tensor for it in every backward.
     ctx.set_materialize_grads(False)
 
 
-def _is_broadcast_one(grad_row_loss: Tensor) -> bool:
-    """grad_output of a mean/sum loss called with .backward(): one value 1.0 broadcast to [N].
-    Reading it is free on the CPU (no device sync), and it saves a pass over the gradient."""
-    if grad_row_loss.numel() == 0 or grad_row_loss.stride(0) != 0:
+def _setup_context(ctx, inputs, output) -> None:
+    _save_gradient(ctx, output[1])
+    # Teachers come as a list (one None each) or as one stacked tensor (one None).
+    ctx.teacher_grads = None if isinstance(inputs[1], Tensor) else [None] * len(inputs[1])
+
+
+def _is_one(grad_output: Tensor) -> bool:
+    """Whether grad_output is the 1.0 that .backward() on a mean/sum loss passes: a 0-dim
+    tensor, or one value broadcast to [N]. Reading it is free on the CPU (no device sync), and
+    it saves a pass over the gradient."""
+    if grad_output.dim() == 1 and (grad_output.numel() == 0 or grad_output.stride(0) != 0):
         return False
     if torch._C._len_torch_dispatch_stack() > 0:  # under a mode (fake tensors): do not read
         return False
-    return float(grad_row_loss[0]) == 1.0
+    return float(grad_output if grad_output.dim() == 0 else grad_output[0]) == 1.0
 
 
 _SCALED_ALREADY = (
@@ -69,17 +74,21 @@ def saved_gradients(ctx) -> tuple[Tensor, ...]:
         raise RuntimeError(_SCALED_ALREADY) from None
 
 
-def _backward(ctx, grad_row_loss: Tensor | None, _unused: Tensor | None):
+def _student_gradient(ctx, grad_loss: Tensor | None) -> Tensor | None:
+    """The saved gradient times grad_loss: the gradient of the row losses [N], or of their sum
+    (a 0-dim tensor) when the eager path reduced them in forward."""
     if torch.is_grad_enabled():
         raise RuntimeError("kdkernels: double backward (create_graph=True) is not supported")
     (grad,) = saved_gradients(ctx)
-    no_grads = ctx.teacher_grads
-    if grad_row_loss is None:  # the loss itself received no gradient
-        return (None, no_grads) + (None,) * (3 + len(OpOptions._fields))
-    grad = scale_saved_gradient(
-        grad, grad_row_loss.unsqueeze(1), lambda: _is_broadcast_one(grad_row_loss)
-    )
-    return (grad, no_grads) + (None,) * (3 + len(OpOptions._fields))
+    if grad_loss is None:  # the loss itself received no gradient
+        return None
+    scale = grad_loss.unsqueeze(1) if grad_loss.dim() == 1 else grad_loss
+    return scale_saved_gradient(grad, scale, lambda: _is_one(grad_loss))
+
+
+def _backward(ctx, grad_loss: Tensor | None, _unused: Tensor | None):
+    grad = _student_gradient(ctx, grad_loss)
+    return (grad, ctx.teacher_grads) + (None,) * (3 + len(OpOptions._fields))
 
 
 def scale_saved_gradient(grad: Tensor, scale: Tensor, scale_is_one: Callable[[], bool]) -> Tensor:
@@ -91,7 +100,7 @@ def scale_saved_gradient(grad: Tensor, scale: Tensor, scale_is_one: Callable[[],
     instead of scaling a tensor already handed out as a gradient (a leaf's .grad)."""
     if type(grad) is not torch.Tensor or torch.compiler.is_compiling() or _repeat_backward:
         return grad * scale
-    if grad.device.type == "cpu" and scale_is_one():
+    if grad.is_cpu and scale_is_one():
         torch.autograd.graph.increment_version(grad)
     else:
         grad.mul_(scale)
@@ -124,29 +133,21 @@ def _plain_eager(tensors: list[Tensor]) -> bool:
 class _EagerFused(torch.autograd.Function):
     """A fused op's implementation with the op's autograd, minus torch.library's Python
     dispatch (argument defaults, pytree flattening: about 300 us a call, which is what a small
-    classification batch costs in all). Used only in plain eager mode; anything else goes
-    through the registered custom op."""
+    classification batch costs in all), and with a mean/sum reduction done inside (one autograd
+    node less). Used only in plain eager mode; anything else goes through the registered op."""
 
     # forward takes ctx (no separate setup_context): apply() then skips binding the arguments
-    # with inspect.signature, which alone costs tens of microseconds.
+    # with inspect.signature, which alone costs tens of microseconds. The op's other arguments
+    # come as one tuple: apply() inspects each argument it is given.
     @staticmethod
-    def forward(ctx, impl, *args):
-        output = impl(*args)
-        _setup_context(ctx, args, output)
-        ctx.teacher_grads = None  # an autograd.Function's non-tensor input takes None
-        return output
+    def forward(ctx, student, impl, reduce, other_arguments):
+        row_loss, grad = impl(student, *other_arguments)
+        _save_gradient(ctx, grad)
+        return row_loss.sum() if reduce else row_loss, grad
 
     @staticmethod
-    def backward(ctx, grad_row_loss, grad_unused):
-        return (None, *_backward(ctx, grad_row_loss, grad_unused))
-
-
-def call_fused(op, impl, args: tuple) -> tuple[Tensor, Tensor]:
-    """Run a fused op (`op`, registered from `impl`) on op_arguments(...)."""
-    teachers = args[1] if isinstance(args[1], list) else [args[1]]
-    if _plain_eager([args[0], *teachers]):
-        return _EagerFused.apply(impl, *args)
-    return op(*args)
+    def backward(ctx, grad_loss, _unused):
+        return _student_gradient(ctx, grad_loss), None, None, None
 
 
 def register_fused_op(op) -> None:
@@ -157,6 +158,13 @@ def register_fused_op(op) -> None:
 
 
 def run_fused(op, impl, problem: Problem, student: Tensor, teachers: list[Tensor]) -> Tensor:
-    """The per-row losses [N] of a fused op (registered from `impl`) on a validated problem."""
-    row_loss, _ = call_fused(op, impl, op_arguments(problem, student, teachers, problem.weights))
-    return row_loss
+    """The loss of a fused op (registered from `impl`) on a validated problem, reduced as its
+    options say: a scalar for "mean" and "sum", the student's leading shape for "none"."""
+    args = op_arguments(problem, student, teachers, problem.weights)
+    reduce = problem.options.reduction != "none"
+    if _plain_eager([student, *teachers]):
+        loss, _ = _EagerFused.apply(student, impl, reduce, args[1:])
+    else:
+        row_loss, _ = op(*args)
+        loss = row_loss.sum() if reduce else row_loss
+    return loss if reduce else loss.reshape(problem.lead_shape)

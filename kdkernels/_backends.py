@@ -17,7 +17,8 @@ from torch import Tensor
 
 from . import _emulated, _triton
 from ._extension import load_extension
-from ._ops import _fused_kd_impl, fused_row_losses
+from ._fused import device_type
+from ._ops import _fused_kd_impl, fused_loss
 from ._validate import Problem
 from .reference import kd_loss_reference
 
@@ -42,23 +43,6 @@ class Backend:
     # The fused kernel itself, impl(logits, teachers, labels, num_items, weights, *OpOptions)
     # -> (row losses, gradient), which the hidden-state loss runs per chunk (None: the reference)
     impl: Callable | None = None
-
-
-def _reduce(problem: Problem, row_losses: Callable[[Problem], Tensor]) -> Tensor:
-    rows = row_losses(problem)  # weighted and divided by the row counts: the loss is their sum
-    return rows.reshape(problem.lead_shape) if problem.options.reduction == "none" else rows.sum()
-
-
-def _fused_loss(problem: Problem) -> Tensor:
-    return _reduce(problem, fused_row_losses)
-
-
-def _emulated_loss(problem: Problem) -> Tensor:
-    return _reduce(problem, _emulated.emulated_row_losses)
-
-
-def _triton_loss(problem: Problem) -> Tensor:
-    return _reduce(problem, _triton.triton_row_losses)
 
 
 def _reference_loss(problem: Problem) -> Tensor:
@@ -126,7 +110,7 @@ REGISTRY: dict[str, Backend] = {
             "CUDA tensors",
             _cuda_missing,
             _all(_no_float64, _too_many(MAX_TEACHERS)),
-            _fused_loss,
+            fused_loss,
             impl=_fused_kd_impl,
         ),
         Backend(
@@ -135,7 +119,7 @@ REGISTRY: dict[str, Backend] = {
             "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)",
             _triton.missing,
             _all(_no_float64, _too_many(_triton.MAX_TEACHERS)),
-            _triton_loss,
+            _triton.triton_loss,
             impl=_triton._fused_kd_triton_impl,
         ),
         Backend(
@@ -144,7 +128,7 @@ REGISTRY: dict[str, Backend] = {
             "CPU tensors",
             _cpu_missing,
             _too_many(MAX_TEACHERS),
-            _fused_loss,
+            fused_loss,
             impl=_fused_kd_impl,
         ),
         Backend("torch", None, "any tensors", lambda: None, lambda _: None, _reference_loss, False),
@@ -155,7 +139,7 @@ REGISTRY: dict[str, Backend] = {
             "CPU tensors (the CUDA kernel on the host emulator)",
             _emulated.missing,
             _all(_no_float64, _too_many(MAX_TEACHERS)),
-            _emulated_loss,
+            _emulated.emulated_loss,
             auto=False,
             impl=_emulated._fused_kd_emulated_impl,
         ),
@@ -182,7 +166,7 @@ def why_not(name: str, problem: Problem) -> str | None:
     backend = REGISTRY[name]
     if (why := missing(name)) is not None:
         return why
-    if backend.devices is not None and problem.student.device.type not in backend.devices:
+    if backend.devices is not None and device_type(problem.student) not in backend.devices:
         return f"it serves {backend.serves}; the inputs are on {problem.student.device}"
     return backend.cannot_serve(problem)
 
@@ -204,7 +188,7 @@ def select(name: str, problem: Problem) -> Backend:
     # The reference serves "auto" only where no kernel for the device is present at all: a
     # kernel that is present but cannot serve these inputs (65 teachers, say) is an error that
     # says why, never a silent fallback to the reference's several [N, C] temporaries.
-    device = problem.student.device.type
+    device = device_type(problem.student)
     reasons = {}
     for backend in REGISTRY.values():
         # Only a backend's own device counts for "auto" (Triton on CPU is the test interpreter).

@@ -72,10 +72,10 @@ def _fused_kd_emulated_impl(
     if student.device.type != "cpu":
         raise ValueError(f"the CUDA emulator runs on CPU tensors, not {student.device}")
     o = OpOptions(*options)
-    keywords, row_loss, grad = kernel_arguments(
+    arguments, row_loss, grad = kernel_arguments(
         ext, student, teachers, labels, num_items, weights, o
     )
-    args = _emulator.make_args(**keywords)
+    args = _emulator.make_args(*arguments)
     if _plans is not None:
         _plans.append(_emulator.launch_plan(args, _device))
     _emulator.forward(args, _device)
@@ -88,6 +88,6 @@ fused_kd_emulated = torch.library.custom_op("kdkernels::fused_kd_emulated", muta
 register_fused_op(fused_kd_emulated)
 
 
-def emulated_row_losses(problem: Problem) -> Tensor:
-    """Run the emulated op on a validated problem; returns the per-row losses [N]."""
+def emulated_loss(problem: Problem) -> Tensor:
+    """The loss of the emulated op on a validated problem, reduced as its options say."""
     return run_fused(fused_kd_emulated, _fused_kd_emulated_impl, problem, *kernel_dtypes(problem))

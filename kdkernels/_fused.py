@@ -6,6 +6,7 @@ and the argument building for a validated problem. Each backend's op lives in it
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import fields
@@ -61,8 +62,9 @@ fused_op_signature = op_signature(
 )
 
 
-def _dtype_name(x: Tensor) -> str:
-    return str(x.dtype).removeprefix("torch.")
+def device_type(x: Tensor) -> str:
+    """x.device.type, without building the device object and its name (~1 us a call)."""
+    return "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
 
 
 def loss_dtype(student: Tensor) -> torch.dtype:
@@ -110,6 +112,41 @@ def check_op_inputs(
         raise ValueError("num_items must be a contiguous int64 [2] tensor on the student's device")
 
 
+@functools.cache
+def _dtype_codes(ext) -> dict[torch.dtype, int]:
+    """The extension's dtype codes by torch dtype (its DTYPE_CODES are by name)."""
+    return {getattr(torch, name): code for name, code in ext.DTYPE_CODES.items()}
+
+
+# make_args' parameters in order: each call's pointers, strides and sizes, then the options.
+MAKE_ARGS_NAMES = (
+    *("student", "student_row_stride", "student_dtype", "teachers", "teacher_row_strides"),
+    *("teacher_dtype", "labels", "row_counts", "num_rows", "num_classes", "row_loss", "grad"),
+    *("num_threads", "teacher_weights", "ignore_index", "unlabeled_index", "temperature"),
+    *("soft_weight", "hard_weight", "scale_soft_by_t2", "ensemble", "soft_loss", "beta"),
+    "reduction",
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _option_arguments(ext, o: OpOptions, weights: tuple[float, ...]) -> tuple:
+    """The last arguments of `make_args`, which depend only on the options and the teacher
+    weights: the same every step of a training loop, so built once (enum codes by name)."""
+    return (
+        list(weights),
+        o.ignore_index,
+        o.unlabeled_index,
+        o.temperature,
+        o.soft_weight,
+        o.hard_weight,
+        o.scale_soft_by_t2,
+        ext.ENSEMBLE_CODES[o.ensemble],
+        ext.SOFT_LOSS_CODES[o.soft_loss],
+        DEFAULT_BETA if o.beta is None else o.beta,
+        ext.REDUCTION_CODES[o.reduction],
+    )
+
+
 def kernel_arguments(
     ext,
     student: Tensor,
@@ -118,39 +155,30 @@ def kernel_arguments(
     num_items: Tensor | None,
     weights,
     o: OpOptions,
-) -> tuple[dict, Tensor, Tensor]:
-    """The keywords of `make_args` for one call of a fused C++ op (the enum codes by name from
-    the extension `ext`), and the outputs they point into: per-row losses [N] and, if
+) -> tuple[tuple, Tensor, Tensor]:
+    """The positional arguments of `make_args` (MAKE_ARGS_NAMES) for one call of a fused C++ op
+    of the extension `ext`, and the outputs they point into: per-row losses [N] and, if
     compute_grad, the gradient [N, C] (else an empty tensor)."""
     check_op_inputs(student, teachers, labels, num_items, len(weights))
     n, c = student.shape
     row_loss = student.new_empty((n,), dtype=loss_dtype(student))
     grad = student.new_empty((n, c) if o.compute_grad else (0,))
-    arguments = dict(
-        student=student.data_ptr(),
-        student_row_stride=student.stride(0),
-        student_dtype=ext.DTYPE_CODES[_dtype_name(student)],
-        teachers=[t.data_ptr() for t in teachers],
-        teacher_row_strides=[t.stride(0) for t in teachers],
-        teacher_dtype=ext.DTYPE_CODES[_dtype_name(teachers[0])],
-        teacher_weights=weights,
-        labels=0 if labels is None else labels.data_ptr(),
-        ignore_index=o.ignore_index,
-        unlabeled_index=o.unlabeled_index,
-        num_rows=n,
-        num_classes=c,
-        temperature=o.temperature,
-        soft_weight=o.soft_weight,
-        hard_weight=o.hard_weight,
-        scale_soft_by_t2=o.scale_soft_by_t2,
-        ensemble=ext.ENSEMBLE_CODES[o.ensemble],
-        soft_loss=ext.SOFT_LOSS_CODES[o.soft_loss],
-        beta=DEFAULT_BETA if o.beta is None else o.beta,
-        reduction=ext.REDUCTION_CODES[o.reduction],
-        row_counts=0 if num_items is None else num_items.data_ptr(),
-        row_loss=row_loss.data_ptr(),
-        grad=grad.data_ptr() if o.compute_grad else 0,
-        num_threads=torch.get_num_threads(),
+    codes = _dtype_codes(ext)
+    arguments = (
+        student.data_ptr(),
+        student.stride(0),
+        codes[student.dtype],
+        [t.data_ptr() for t in teachers],
+        [t.stride(0) for t in teachers],
+        codes[teachers[0].dtype],
+        0 if labels is None else labels.data_ptr(),
+        0 if num_items is None else num_items.data_ptr(),
+        n,
+        c,
+        row_loss.data_ptr(),
+        grad.data_ptr() if o.compute_grad else 0,
+        torch.get_num_threads(),
+        *_option_arguments(ext, o, tuple(weights)),
     )
     return arguments, row_loss, grad
 
@@ -181,5 +209,5 @@ def kernel_dtypes(problem: Problem) -> tuple[Tensor, list[Tensor]]:
 def op_arguments(problem: Problem, student: Tensor, teachers, weights) -> tuple:
     """The positional arguments of a fused op (this one or another backend's) for a problem."""
     compute_grad = student.requires_grad and torch.is_grad_enabled()
-    options = OpOptions(**problem.options.as_dict(), compute_grad=compute_grad)
+    options = OpOptions(*problem.options.values, compute_grad)
     return (student, teachers, problem.labels, problem.num_items, weights, *options)

@@ -33,14 +33,14 @@ def _fused_kd_impl(
     ext, why = load_extension()
     if ext is None:
         raise RuntimeError(why)
-    if student.device.type not in ("cpu", "cuda"):
+    if not (student.is_cpu or student.is_cuda):
         raise ValueError(f"kdkernels::fused_kd serves CPU and CUDA tensors, not {student.device}")
     o = OpOptions(*options)
-    keywords, row_loss, grad = kernel_arguments(
+    arguments, row_loss, grad = kernel_arguments(
         ext, student, teachers, labels, num_items, weights, o
     )
-    args = ext.make_args(**keywords)
-    if student.device.type == "cuda":
+    args = ext.make_args(*arguments)
+    if student.is_cuda:
         # Two int64 of device memory for the valid-row counts; the kernel never syncs the host.
         workspace = torch.empty(2, dtype=torch.int64, device=student.device)
         stream = torch.cuda.current_stream(student.device).cuda_stream
@@ -54,6 +54,6 @@ fused_kd = torch.library.custom_op("kdkernels::fused_kd", mutates_args=())(_fuse
 register_fused_op(fused_kd)
 
 
-def fused_row_losses(problem: Problem) -> Tensor:
-    """Run the fused op on a validated problem; returns the per-row losses [N]."""
+def fused_loss(problem: Problem) -> Tensor:
+    """The loss of the fused op on a validated problem, reduced as its options say."""
     return run_fused(fused_kd, _fused_kd_impl, problem, *kernel_dtypes(problem))

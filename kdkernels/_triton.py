@@ -509,8 +509,8 @@ if triton is not None:
     register_fused_op(fused_kd_triton)
 
 
-def triton_row_losses(problem: Problem) -> Tensor:
-    """Run the Triton op on a validated problem; returns the per-row losses [N]."""
+def triton_loss(problem: Problem) -> Tensor:
+    """The loss of the Triton op on a validated problem, reduced as its options say."""
     return run_fused(
         fused_kd_triton, _fused_kd_triton_impl, problem, problem.student, problem.teachers
     )

@@ -13,11 +13,13 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)
 ENSEMBLES = ("geometric", "arithmetic")
 SOFT_LOSSES = ("kl", "cross_entropy", "reverse_kl", "jsd")
 DEFAULT_BETA = 0.5  # jsd's beta when none is given (TRL's GKD default)
@@ -48,14 +50,18 @@ class Options:
         """The options by name (a shallow copy: dataclasses.asdict's deep copy cost ~40 us a
         call, a visible part of a small batch's loss). Plain getattr by name, which every
         torch.compile traces (torch 2.11's dynamo cannot trace `dict(self.__dict__)`)."""
-        return {name: getattr(self, name) for name in _OPTION_NAMES}
+        return {name: getattr(self, name) for name in OPTION_NAMES}
+
+    def __post_init__(self) -> None:
+        # The values in field order, as the fused ops take them: computed once per Options (a
+        # plain attribute, which torch.compile reads like any other).
+        object.__setattr__(self, "values", tuple(getattr(self, n) for n in OPTION_NAMES))
 
 
-_OPTION_NAMES = tuple(f.name for f in fields(Options))
+OPTION_NAMES = tuple(f.name for f in fields(Options))
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     student: Tensor  # [N, C], last dimension contiguous
     teachers: list[Tensor]  # M tensors [N, C], last dimension contiguous
     labels: Tensor | None  # [N] int64
@@ -104,7 +110,6 @@ def _index(name: str, value: object) -> int:
     return value
 
 
-OPTION_NAMES = tuple(f.name for f in fields(Options))
 _DEFAULT_VALUES = Options().as_dict()
 
 
@@ -159,10 +164,29 @@ def validate_options(**given: object) -> Options:
     )
 
 
+_OPTIONS_SEEN: dict[tuple, Options] = {}
+
+
+def options_from_values(values: tuple) -> Options:
+    """validate_options for values in OPTION_NAMES order, remembered: a training loop passes the
+    same options every step, and checking them again cost ~5 us of a small batch's ~40.
+    The key holds each value's type too (1 == 1.0 == True, but only some are valid); tensor
+    values (a 0-dim temperature) can change in place and are checked on every call."""
+    types = tuple(map(type, values))
+    key = (values, types)
+    try:
+        return _OPTIONS_SEEN[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable value, which validation refuses
+        options = validate_options(**dict(zip(OPTION_NAMES, values, strict=True)))
+    if not any(issubclass(t, Tensor) for t in types) and len(_OPTIONS_SEEN) < 1024:
+        _OPTIONS_SEEN[key] = options
+    return options
+
+
 def _logits(name: str, x: object) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
+    if x.dtype not in _FLOAT_DTYPE_SET:
         raise TypeError(
             f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), "
             f"got {x.dtype}"
@@ -171,26 +195,35 @@ def _logits(name: str, x: object) -> Tensor:
 
 
 def _teacher_list(teacher_logits: object, student: Tensor) -> list[Tensor]:
-    shape = tuple(student.shape)
+    """The teachers as a list of tensors with the student's shape and device (checked)."""
+    shape, device = student.shape, student.device
     if isinstance(teacher_logits, Tensor):
         t = _logits("teacher_logits", teacher_logits)
-        if tuple(t.shape) == shape:
-            return [t]
-        if t.dim() == student.dim() + 1 and tuple(t.shape[1:]) == shape:
+        if t.shape == shape:
+            teachers = [t]
+        elif t.dim() == student.dim() + 1 and t.shape[1:] == shape:
             if t.shape[0] == 0:
                 raise ValueError(
                     "teacher_logits is an empty ensemble (M = 0): pass at least one teacher"
                 )
-            return list(t.unbind(0))
-        _shape_error("teacher_logits", t, student)
+            teachers = list(t.unbind(0))
+        else:
+            _shape_error("teacher_logits", t, student)
+        if t.device != device:
+            raise ValueError(f"teacher_logits is on {t.device} but student_logits is on {device}")
+        return teachers
     if isinstance(teacher_logits, (list, tuple)):
         if len(teacher_logits) == 0:
             raise ValueError("teacher_logits is an empty ensemble: pass at least one teacher")
-        teachers = [_logits(f"teacher_logits[{m}]", t) for m, t in enumerate(teacher_logits)]
-        for m, t in enumerate(teachers):
-            if tuple(t.shape) != shape:
+        for m, t in enumerate(teacher_logits):
+            _logits(f"teacher_logits[{m}]", t)
+            if t.shape != shape:
                 _shape_error(f"teacher_logits[{m}]", t, student)
-        return teachers
+            if t.device != device:
+                raise ValueError(
+                    f"teacher_logits[{m}] is on {t.device} but student_logits is on {device}"
+                )
+        return list(teacher_logits)
     raise TypeError(
         "teacher_logits must be a tensor (one teacher, or M stacked on a leading dimension) or a "
         f"list of tensors, got {type(teacher_logits).__name__}"
@@ -246,17 +279,22 @@ def _labels(
         return None
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(student.shape[:-1]):
+    dtype = labels.dtype
+    if dtype is not torch.int64 and (
+        dtype == torch.bool or labels.is_floating_point() or labels.is_complex()
+    ):
+        raise TypeError(f"labels must be an integer tensor of class indices, got {dtype}")
+    if labels.shape != student.shape[:-1]:
         raise ValueError(
             f"labels has shape {tuple(labels.shape)}; expected the student's leading shape "
             f"{tuple(student.shape[:-1])}"
         )
     if labels.device != student.device:
         raise ValueError(f"labels is on {labels.device} but {student_name} is on {student.device}")
-    flat = labels.reshape(-1).to(torch.int64).contiguous()
-    host_check = labels.device.type == "cpu" or HOST_LABEL_CHECK
+    flat = labels
+    if dtype is not torch.int64 or labels.dim() != 1 or not labels.is_contiguous():
+        flat = labels.reshape(-1).to(torch.int64).contiguous()
+    host_check = flat.is_cpu or HOST_LABEL_CHECK
     if host_check and not torch.compiler.is_compiling() and flat.numel() > 0:
         c = student.shape[-1]
         lo, hi = flat.aminmax()  # one pass settles the common case: every label a class
@@ -327,6 +365,8 @@ def _num_items(value: object, options: Options, device: torch.device) -> Tensor 
 
 def _rows(x: Tensor) -> Tensor:
     """[..., C] -> [N, C] with a contiguous last dimension (a view whenever one exists)."""
+    if x.dim() == 2 and x.is_contiguous():  # the common case, at no cost
+        return x
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 
@@ -348,25 +388,29 @@ def validate(
     if student.shape[-1] < 1:
         raise ValueError("student_logits has 0 classes in its last dimension; expected at least 1")
     teachers = _teacher_list(teacher_logits, student)
-    for m, t in enumerate(teachers):
-        if t.device != student.device:
-            raise ValueError(
-                f"teacher_logits[{m}] is on {t.device} but student_logits is on {student.device}"
-            )
-    if any(t.requires_grad for t in teachers) and not _warned_teacher_grad:
-        _warned_teacher_grad = True
-        warnings.warn(
-            "teacher_logits requires grad; teachers are constants of the distillation loss and get "
-            "no gradient (detach them to silence this warning)",
-            stacklevel=3,
-        )
-    weights = _weights(teacher_weights, len(teachers))
-    members = [(w, t) for w, t in zip(weights, teachers, strict=True) if w > 0]
+    if teacher_weights is None:
+        weights = [1.0 / len(teachers)] * len(teachers)
+    else:  # a zero-weight member is not part of the ensemble
+        weights = _weights(teacher_weights, len(teachers))
+        teachers = [t for w, t in zip(weights, teachers, strict=True) if w > 0]
+        weights = [w for w in weights if w > 0]
+    rows = []
+    for t in teachers:
+        if t.requires_grad:
+            t = t.detach()
+            if not _warned_teacher_grad:
+                _warned_teacher_grad = True
+                warnings.warn(
+                    "teacher_logits requires grad; teachers are constants of the distillation "
+                    "loss and get no gradient (detach them to silence this warning)",
+                    stacklevel=3,
+                )
+        rows.append(_rows(t))
     return Problem(
         student=_rows(student),
-        teachers=[_rows(t.detach()) for _, t in members],
+        teachers=rows,
         labels=_labels(labels, student, options),
-        weights=[w for w, _ in members],
+        weights=weights,
         lead_shape=student.shape[:-1],
         options=options,
         num_items=_num_items(num_items_in_batch, options, student.device),

@@ -7,7 +7,14 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from . import _backends
-from ._validate import OPTION_NAMES, Options, _choice, validate, validate_options
+from ._validate import (
+    OPTION_NAMES,
+    Options,
+    _choice,
+    options_from_values,
+    validate,
+    validate_options,
+)
 
 
 def distillation_loss(
@@ -84,17 +91,20 @@ def distillation_loss(
         >>> loss = distillation_loss(student(x), teacher(x).detach(), y, temperature=4.0)
         >>> loss.backward()
     """
-    options = validate_options(
-        temperature=temperature,
-        soft_weight=soft_weight,
-        hard_weight=hard_weight,
-        ensemble=ensemble,
-        soft_loss=soft_loss,
-        beta=beta,
-        scale_soft_by_t2=scale_soft_by_t2,
-        ignore_index=ignore_index,
-        unlabeled_index=unlabeled_index,
-        reduction=reduction,
+    # In the order of Options' fields (a test checks it), as options_from_values takes them.
+    options = options_from_values(
+        (
+            temperature,
+            soft_weight,
+            hard_weight,
+            ensemble,
+            soft_loss,
+            beta,
+            scale_soft_by_t2,
+            ignore_index,
+            unlabeled_index,
+            reduction,
+        )
     )
     backend = _choice("backend", backend, _backends.NAMES)
     problem = validate(

@@ -28,15 +28,18 @@ inline kd::DType dtype_from_code(int code, const char* name) {
   return static_cast<kd::DType>(code);
 }
 
+// Per-call fields (pointers, strides, sizes) first, then the options: the Python layer passes
+// them positionally, the options as one tuple it builds once per set of options.
 inline kd::KDArgs make_args(uintptr_t student, int64_t student_row_stride, int student_dtype,
-                     const std::vector<uintptr_t>& teachers,
-                     const std::vector<int64_t>& teacher_row_strides, int teacher_dtype,
-                     const std::vector<double>& teacher_weights, uintptr_t labels,
-                     int64_t ignore_index, std::optional<int64_t> unlabeled_index,
-                     int64_t num_rows, int64_t num_classes, double temperature,
-                     double soft_weight, double hard_weight, bool scale_soft_by_t2, int ensemble,
-                     int soft_loss, double beta, int reduction, uintptr_t row_counts,
-                     uintptr_t row_loss, uintptr_t grad, int num_threads) {
+                            const std::vector<uintptr_t>& teachers,
+                            const std::vector<int64_t>& teacher_row_strides, int teacher_dtype,
+                            uintptr_t labels, uintptr_t row_counts, int64_t num_rows,
+                            int64_t num_classes, uintptr_t row_loss, uintptr_t grad,
+                            int num_threads, const std::vector<double>& teacher_weights,
+                            int64_t ignore_index, std::optional<int64_t> unlabeled_index,
+                            double temperature, double soft_weight, double hard_weight,
+                            bool scale_soft_by_t2, int ensemble, int soft_loss, double beta,
+                            int reduction) {
   if (teachers.size() != teacher_row_strides.size() || teachers.size() != teacher_weights.size())
     throw std::invalid_argument("teachers, teacher_row_strides and teacher_weights differ in length");
   if (teachers.empty() || teachers.size() > static_cast<size_t>(kd::kMaxTeachers))
@@ -77,15 +80,14 @@ inline kd::KDArgs make_args(uintptr_t student, int64_t student_row_stride, int s
 // Registers KDArgs (module-local: never clashes with another build loaded beside it) and make_args.
 inline void bind_args(py::module_& m) {
   py::class_<kd::KDArgs>(m, "KDArgs", py::module_local());
-  m.def("make_args", &make_args, py::kw_only(), py::arg("student"), py::arg("student_row_stride"),
+  m.def("make_args", &make_args, py::arg("student"), py::arg("student_row_stride"),
         py::arg("student_dtype"), py::arg("teachers"), py::arg("teacher_row_strides"),
-        py::arg("teacher_dtype"), py::arg("teacher_weights"), py::arg("labels"),
-        py::arg("ignore_index"), py::arg("unlabeled_index"), py::arg("num_rows"),
-        py::arg("num_classes"), py::arg("temperature"), py::arg("soft_weight"),
-        py::arg("hard_weight"), py::arg("scale_soft_by_t2"), py::arg("ensemble"),
-        py::arg("soft_loss"), py::arg("beta"), py::arg("reduction"), py::arg("row_counts"),
-        py::arg("row_loss"), py::arg("grad"),
-        py::arg("num_threads"),
+        py::arg("teacher_dtype"), py::arg("labels"), py::arg("row_counts"), py::arg("num_rows"),
+        py::arg("num_classes"), py::arg("row_loss"), py::arg("grad"), py::arg("num_threads"),
+        py::arg("teacher_weights"), py::arg("ignore_index"), py::arg("unlabeled_index"),
+        py::arg("temperature"), py::arg("soft_weight"), py::arg("hard_weight"),
+        py::arg("scale_soft_by_t2"), py::arg("ensemble"), py::arg("soft_loss"), py::arg("beta"),
+        py::arg("reduction"),
         "Build and check the kernel argument struct from raw pointers and options.");
 }
 

@@ -15,13 +15,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def test_out_of_range_label_gives_nan_row_on_device_path():
     """Without host validation (as on CUDA), a bad label makes its row NaN, never a crash."""
-    from kdkernels._triton import triton_row_losses
+    from kdkernels._triton import triton_loss
     from kdkernels._validate import Options, Problem
 
     s, t = torch.randn(3, 10, device=DEVICE), torch.randn(3, 10, device=DEVICE)
     labels = torch.tensor([1, 50, 2], device=DEVICE)
     problem = Problem(s, [t], labels, [1.0], s.shape[:-1], Options(reduction="none"))
-    rows = triton_row_losses(problem)
+    rows = triton_loss(problem)
     assert rows[1].isnan() and not rows[[0, 2]].isnan().any()
 
 

@@ -252,3 +252,32 @@ def test_module_options_are_attributes_that_take_effect():
     with pytest.raises(AttributeError, match="no option 'temprature'"):
         criterion.temprature = 3.0
     assert criterion.temperature == 3.0
+
+
+def test_distillation_loss_passes_its_options_in_the_order_of_options_fields():
+    """distillation_loss hands its options to the remembered validation as one positional
+    tuple: its parameters must name them in the order of Options' fields."""
+    import inspect
+
+    from kdkernels._validate import OPTION_NAMES
+
+    names = [p for p in inspect.signature(kd.distillation_loss).parameters if p in OPTION_NAMES]
+    assert tuple(names) == OPTION_NAMES
+
+
+@pytest.mark.parametrize(
+    "good, bad, error",
+    [
+        ({"temperature": 1.0}, {"temperature": True}, TypeError),
+        ({"scale_soft_by_t2": True}, {"scale_soft_by_t2": 1}, TypeError),
+        ({"ignore_index": 1}, {"ignore_index": True}, TypeError),
+        ({"temperature": 2.0}, {"temperature": torch.tensor(float("nan"))}, ValueError),
+    ],
+)
+def test_remembered_options_still_refuse_equal_values_of_a_wrong_type(good, bad, error):
+    """The options of earlier calls are remembered, keyed by value and type: True == 1 == 1.0
+    in Python, but only some of them are valid, and a tensor value is checked on every call."""
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    kd.distillation_loss(s, t, **good)
+    with pytest.raises(error):
+        kd.distillation_loss(s, t, **bad)

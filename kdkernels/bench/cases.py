@@ -30,12 +30,14 @@ class Case:
     dtype: str = "float32"
     backward: bool = True
     soft_loss: str = "kl"  # a key of DIVERGENCES
+    as_list: bool = False  # the teachers as a list of M tensors rather than stacked [M, N, C]
 
     @property
     def name(self) -> str:
         mode = "fwd+bwd" if self.backward else "fwd"
         divergence = "" if self.soft_loss == "kl" else f" {self.soft_loss}"
-        return f"N={self.n} C={self.c} M={self.m} {self.dtype} {mode}{divergence}"
+        teachers = f"M={self.m} list" if self.as_list else f"M={self.m}"
+        return f"N={self.n} C={self.c} {teachers} {self.dtype} {mode}{divergence}"
 
     def options(self) -> dict:
         """The loss options of the case, as distillation_loss takes them."""
@@ -54,13 +56,23 @@ class Case:
         size = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
         return self.n * self.c * size * (1 + self.m + (1 if self.backward else 0))
 
-    def inputs(self, device: str = "cpu", seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    def inputs(self, device: str = "cpu", seed: int = 0) -> tuple[Tensor, Teachers, Tensor]:
         gen = torch.Generator().manual_seed(seed)
         dtype = DTYPES[self.dtype]
         student = (torch.randn(self.n, self.c, generator=gen) * 2).to(device, dtype)
         teachers = (torch.randn(self.m, self.n, self.c, generator=gen) * 2).to(device, dtype)
         labels = torch.randint(0, self.c, (self.n,), generator=gen).to(device)
-        return student, teachers, labels
+        return student, list(teachers.clone()) if self.as_list else teachers, labels
+
+
+Teachers = Tensor | list[Tensor]  # stacked [M, N, C], or M tensors [N, C]
+
+
+def mean_teacher(teachers: Teachers) -> Tensor:
+    """The teachers' mean logits in float32, the way users write it for either form."""
+    if isinstance(teachers, list):
+        return teachers[0].float() if len(teachers) == 1 else torch.stack(teachers).float().mean(0)
+    return teachers[0].float() if teachers.shape[0] == 1 else teachers.float().mean(0)
 
 
 # The grids. "targets" are the shapes of the CPU performance contract (docs/DESIGN.md section 4).
@@ -70,11 +82,17 @@ def _product(ns, cs, ms, dtypes) -> list[Case]:
 
 GRIDS: dict[str, list[Case]] = {
     "quick": [Case(256, 10), Case(256, 1000, m=4), Case(64, 32000, dtype="bfloat16")],
-    # Image classifiers: small rows, where per-call overhead and short-row loops decide.
-    "classification": _product((256, 65536), (10, 100, 1000), (1, 4), ("float32",)),
+    # Image classifiers' batches: small rows, where the fixed cost of a call decides (an
+    # ensemble as a list, the way it comes from M separate models).
+    "classification": [
+        Case(n, c, m, as_list=m > 1) for m in (1, 5) for n in (64, 256) for c in (10, 100, 1000)
+    ],
     "default": _product((256, 65536), (10, 100, 1000), (1, 4), ("float32", "bfloat16"))
     + _product((2048, 8192), (32000, 128256), (1, 4), ("float32", "bfloat16")),
     "targets": [
+        Case(1, 10),  # the fixed cost of a call, and what each extra teacher adds to it
+        Case(1, 10, m=5, as_list=True),
+        Case(64, 10, m=5, as_list=True),
         Case(2048, 32000),
         Case(2048, 32000, m=4),
         Case(65536, 10),
@@ -117,18 +135,18 @@ def _eager_divergence(log_q: Tensor, log_p: Tensor, soft_loss: str) -> Tensor:
     return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
 
 
-def eager_kd_loss(student: Tensor, teachers: Tensor, labels: Tensor, soft_loss: str = "kl"):
+def eager_kd_loss(student: Tensor, teachers: Teachers, labels: Tensor, soft_loss: str = "kl"):
     """The distillation loss the way users write it in PyTorch (one teacher, or the geometric
     mean of an ensemble: the softmax of the mean logits)."""
     s = student.float()
-    t = teachers[0].float() if teachers.shape[0] == 1 else teachers.float().mean(0)
+    t = mean_teacher(teachers)
     log_q, log_p = F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1)
     soft = _eager_divergence(log_q, log_p, soft_loss)
     return SOFT_WEIGHT * TEMPERATURE**2 * soft + HARD_WEIGHT * F.cross_entropy(s, labels)
 
 
-def _kdkernels_provider(backend: str, case: Case) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    def loss(student: Tensor, teachers: Tensor, labels: Tensor) -> Tensor:
+def _kdkernels_provider(backend: str, case: Case) -> Callable[[Tensor, Teachers, Tensor], Tensor]:
+    def loss(student: Tensor, teachers: Teachers, labels: Tensor) -> Tensor:
         return kdkernels.distillation_loss(
             student, teachers, labels, backend=backend, **case.options()
         )
@@ -141,7 +159,7 @@ _compiled: dict[str, Callable] = {}
 
 def providers(
     device: str = "cpu", case: Case | None = None
-) -> dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]]:
+) -> dict[str, Callable[[Tensor, Teachers, Tensor], Tensor]]:
     """Every provider that can run here on `device` for `case`'s loss options: eager, compile,
     each kdkernels backend, and Liger on a GPU (forward KL only)."""
     case = case or Case(1, 1)
@@ -165,7 +183,7 @@ def providers(
     return found
 
 
-def _liger_provider() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+def _liger_provider() -> Callable[[Tensor, Teachers, Tensor], Tensor] | None:
     """Liger-Kernel's KL-divergence and cross-entropy losses composed into the same loss (its
     KL takes log-probabilities, so the softmaxes stay eager), when Liger is installed."""
     try:
@@ -174,8 +192,8 @@ def _liger_provider() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
         return None
     kl, ce = LigerKLDIVLoss(reduction="batchmean", log_target=True), LigerCrossEntropyLoss()
 
-    def loss(student: Tensor, teachers: Tensor, labels: Tensor) -> Tensor:
-        t = teachers[0] if teachers.shape[0] == 1 else teachers.float().mean(0)
+    def loss(student: Tensor, teachers: Teachers, labels: Tensor) -> Tensor:
+        t = mean_teacher(teachers)
         soft = kl(
             F.log_softmax(student.float() / TEMPERATURE, -1),
             F.log_softmax(t.float() / TEMPERATURE, -1),
@@ -187,4 +205,5 @@ def _liger_provider() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
 
 def reference_loss(case: Case) -> float:
     student, teachers, labels = case.inputs("cpu")
-    return float(kd_loss_reference(student.double(), teachers.double(), labels, **case.options()))
+    teachers = [t.double() for t in teachers]
+    return float(kd_loss_reference(student.double(), teachers, labels, **case.options()))

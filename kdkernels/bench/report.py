@@ -57,7 +57,7 @@ def plot(rows: list[Row], cases: list[Case], path) -> None:
         panels.append(("peak memory above inputs (MB)", "peak_mb", "symlog"))
     by_name = {c.name: c for c in cases}
     for color, provider in enumerate(dict.fromkeys(r.provider for r in rows)):
-        for m, marker in ((1, "o"), (4, "s")):
+        for m, marker in zip(sorted({c.m for c in cases}), "osD^v", strict=False):
             mine = [
                 r for r in rows if r.provider == provider and not r.note and by_name[r.case].m == m
             ]
