@@ -54,16 +54,24 @@ def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5, warmup:
 
 
 def median_time(once: Callable[[], Tensor], device: str, repeats: int, warmup: int = 1):
-    """Median seconds of `once()` (which returns the loss) after `warmup` calls, and the loss."""
+    """Median seconds of `once()` (which returns the loss) after `warmup` calls, and the loss.
+    Each sample times enough back-to-back calls to last about a millisecond (a single call of
+    a small batch, tens of microseconds, is mostly timer and scheduling noise)."""
     for _ in range(warmup):
         loss = once()
+    _sync(device)
+    start = time.perf_counter()
+    loss = once()
+    _sync(device)
+    calls = max(1, min(1000, int(1e-3 / (time.perf_counter() - start))))
     times = []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        loss = once()
+        for _ in range(calls):
+            loss = once()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / calls)
     return statistics.median(times), float(loss.detach())
 
 

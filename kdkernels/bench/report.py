@@ -26,8 +26,9 @@ def format_table(rows: list[Row]) -> str:
             continue
         err = abs(r.loss - r.reference) / max(abs(r.reference), 1e-30)
         err_text = "n/a (too big for the float64 reference)" if math.isnan(err) else f"{err:.1e}"
-        cells = [r.case, r.provider, f"{r.ms:.1f}", f"{r.speedup_vs_eager:.1f}"]
-        cells += [f"{r.speedup_vs_compile:.1f}", f"{r.gbps:.1f}", f"{r.floor_ms:.1f}"]
+        # Three significant digits: a small batch takes tenths of a millisecond.
+        cells = [r.case, r.provider, f"{r.ms:.3g}", f"{r.speedup_vs_eager:.1f}"]
+        cells += [f"{r.speedup_vs_compile:.1f}", f"{r.gbps:.1f}", f"{r.floor_ms:.3g}"]
         cells += [f"{r.times_floor:.1f}"] + [f"{r.peak_mb:.0f}"] * memory + [err_text]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
