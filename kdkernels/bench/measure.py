@@ -54,16 +54,17 @@ def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5, warmup:
 
 
 def median_time(once: Callable[[], Tensor], device: str, repeats: int, warmup: int = 1):
-    """Median seconds of `once()` (which returns the loss) after `warmup` calls, and the loss.
-    Each sample times enough back-to-back calls to last about a millisecond (a single call of
-    a small batch, tens of microseconds, is mostly timer and scheduling noise)."""
-    for _ in range(warmup):
+    """Median seconds of `once()` (which returns the loss), and the loss. Warm-up: `warmup`
+    calls, and more until 50 ms have passed (a small batch's first calls pay for cold caches
+    and lazy initialisation). Each sample then times enough back-to-back calls to last about a
+    millisecond (one call of a small batch, tens of microseconds, is mostly timer noise)."""
+    calls, start = 0, time.perf_counter()
+    while calls < warmup or (time.perf_counter() - start < 0.05 and calls < 10_000):
         loss = once()
-    _sync(device)
-    start = time.perf_counter()
-    loss = once()
-    _sync(device)
-    calls = max(1, min(1000, int(1e-3 / (time.perf_counter() - start))))
+        _sync(device)
+        calls += 1
+    per_call = (time.perf_counter() - start) / calls
+    calls = max(1, min(1000, int(1e-3 / per_call)))
     times = []
     for _ in range(repeats):
         _sync(device)
