@@ -169,17 +169,20 @@ _OPTIONS_SEEN: dict[tuple, Options] = {}
 
 def options_from_values(values: tuple) -> Options:
     """validate_options for values in OPTION_NAMES order, remembered: a training loop passes the
-    same options every step, and checking them again cost ~5 us of a small batch's ~40.
+    same options every step, and checking them again cost about 5 us a call.
     The key holds each value's type too (1 == 1.0 == True, but only some are valid); tensor
     values (a 0-dim temperature) can change in place and are checked on every call."""
     types = tuple(map(type, values))
     key = (values, types)
     try:
-        return _OPTIONS_SEEN[key]
-    except (KeyError, TypeError):  # TypeError: an unhashable value, which validation refuses
+        options = _OPTIONS_SEEN.get(key)
+    except TypeError:  # an unhashable value, which validation refuses below, outside this
+        options, key = None, None  # handler, so that its error is not chained to this one
+    if options is None:
         options = validate_options(**dict(zip(OPTION_NAMES, values, strict=True)))
-    if not any(issubclass(t, Tensor) for t in types) and len(_OPTIONS_SEEN) < 1024:
-        _OPTIONS_SEEN[key] = options
+        tensors = any(issubclass(t, Tensor) for t in types)
+        if key is not None and not tensors and len(_OPTIONS_SEEN) < 1024:
+            _OPTIONS_SEEN[key] = options
     return options
 
 

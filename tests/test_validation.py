@@ -279,5 +279,12 @@ def test_remembered_options_still_refuse_equal_values_of_a_wrong_type(good, bad,
     in Python, but only some of them are valid, and a tensor value is checked on every call."""
     s, t = torch.randn(3, 5), torch.randn(3, 5)
     kd.distillation_loss(s, t, **good)
-    with pytest.raises(error):
+    with pytest.raises(error) as raised:
         kd.distillation_loss(s, t, **bad)
+    assert raised.value.__context__ is None  # the error alone, not chained to a cache miss
+
+
+def test_an_unhashable_option_gets_the_validation_error_alone():
+    with pytest.raises(TypeError, match="temperature must be a real number") as raised:
+        kd.distillation_loss(torch.randn(3, 5), torch.randn(3, 5), temperature=[4.0])
+    assert raised.value.__context__ is None
