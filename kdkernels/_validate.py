@@ -47,10 +47,9 @@ class Options:
     reduction: str = "mean"
 
     def as_dict(self) -> dict[str, object]:
-        """The options by name (a shallow copy: dataclasses.asdict's deep copy cost ~40 us a
-        call, a visible part of a small batch's loss). Plain getattr by name, which every
-        torch.compile traces (torch 2.11's dynamo cannot trace `dict(self.__dict__)`)."""
-        return {name: getattr(self, name) for name in OPTION_NAMES}
+        """The options by name, from `values` (a shallow copy: dataclasses.asdict's deep copy
+        cost ~40 us a call; torch 2.11's dynamo cannot trace `dict(self.__dict__)`)."""
+        return dict(zip(OPTION_NAMES, self.values, strict=True))
 
     def __post_init__(self) -> None:
         # The values in field order, as the fused ops take them: computed once per Options (a

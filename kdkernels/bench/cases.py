@@ -70,9 +70,10 @@ Teachers = Tensor | list[Tensor]  # stacked [M, N, C], or M tensors [N, C]
 
 def mean_teacher(teachers: Teachers) -> Tensor:
     """The teachers' mean logits in float32, the way users write it for either form."""
-    if isinstance(teachers, list):
-        return teachers[0].float() if len(teachers) == 1 else torch.stack(teachers).float().mean(0)
-    return teachers[0].float() if teachers.shape[0] == 1 else teachers.float().mean(0)
+    if len(teachers) == 1:
+        return teachers[0].float()
+    stacked = torch.stack(teachers) if isinstance(teachers, list) else teachers
+    return stacked.float().mean(0)
 
 
 # The grids. "targets" are the shapes of the CPU performance contract (docs/DESIGN.md section 4).
