@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from ._autograd import allow_repeated_backward
+from ._gradient_buffers import empty_cache
 from ._validate import TEMPERATURE_RANGE
 from .linear import LinearDistillationLoss, linear_distillation_loss
 from .loss import DistillationLoss, backends, distillation_loss
@@ -21,6 +22,7 @@ __all__ = [
     "allow_repeated_backward",
     "backends",
     "distillation_loss",
+    "empty_cache",
     "kd_loss_reference",
     "linear_distillation_loss",
 ]

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._gradient_buffers import new_gradient
 from ._validate import DEFAULT_BETA, Options, Problem
 
 # Every fused op takes (student, teachers, labels, teacher weights) and these options: the loss
@@ -163,7 +164,7 @@ def kernel_arguments(
     dtype = loss_dtype(student)
     # new_empty's dtype keyword alone costs microseconds: a float32 student gives its own.
     row_loss = student.new_empty(n) if student.dtype == dtype else student.new_empty(n, dtype=dtype)
-    grad = student.new_empty((n, c) if o.compute_grad else (0,))
+    grad = new_gradient(student) if o.compute_grad else student.new_empty((0,))
     codes = _dtype_codes(ext)
     arguments = (
         student.data_ptr(),

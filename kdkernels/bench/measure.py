@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+import kdkernels
+
 from .cases import DTYPES, Case, _compiled, estimated_bytes, providers, reference_loss
 
 
@@ -120,6 +122,7 @@ def child_peak_memory(provider: str, case_json: str) -> None:
     def once() -> None:
         step()
         student.grad = None  # the gradient is the call's memory, not the inputs'
+        kdkernels.empty_cache()  # a fresh process has no gradient buffer kept for reuse
 
     print(peak_rss_above(once))
 
