@@ -197,6 +197,7 @@ def _chunk_loop(
             _addmm_float32_(grad_weight, grad.t(), student_hidden[chunk])
         if need_bias:
             grad_bias += grad.sum(0)
+        del grad  # unreferenced, the next chunk's gradient reuses its memory (_gradient_buffers)
     loss = rows if o.reduction == "none" else rows.sum()
     bias_dtype = acc if student_bias is None else student_bias.dtype
     return loss, grad_hidden, grad_weight.to(student_weight.dtype), grad_bias.to(bias_dtype)
