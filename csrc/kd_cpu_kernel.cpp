@@ -262,7 +262,7 @@ template <bool kSoft, bool kHard, bool kKeep, typename Div, int kPow, typename A
         if constexpr (kPow >= 2) e_s *= e_s;
         if constexpr (kPow >= 4) e_s *= e_s;
         if constexpr (kPow >= 8) e_s *= e_s;
-        e_s = ds < Acc(-87) ? Acc(0) : e_s;  // flush where fast_exp would (no denormals)
+        e_s = ds < Acc(kExpFlushBelow) ? Acc(0) : e_s;  // flush where fast_exp would
       } else {
         e_s = fast_exp(ds);
       }
@@ -472,7 +472,7 @@ template <typename Div, typename S, typename Tt, typename Acc>
       underflow |= scratch[j] == -std::numeric_limits<Acc>::infinity();
     }
     for (int64_t j = 0; underflow && j < C; ++j) {
-      // Every member's share underflowed (below e^-87): log p in log space, where reverse KL
+      // Every member's share underflowed (below e^-86.5): log p in log space, where reverse KL
       // needs it (q log p); -inf only where every member's logit is -inf.
       if (scratch[j] == -std::numeric_limits<Acc>::infinity()) {
         Acc top = -std::numeric_limits<Acc>::infinity(), sum = 0;
