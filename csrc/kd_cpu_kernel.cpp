@@ -644,8 +644,10 @@ void run(const KDArgs& a) {
   }
   if (a.row_counts) soft_rows = a.row_counts[0], hard_rows = a.row_counts[1];  // num_items_in_batch
   const TermScales scales = term_scales(a, soft_rows, hard_rows);
-  // Waking a thread costs microseconds: small problems (a classification batch) run on fewer.
-  constexpr int64_t kMinElementsPerThread = int64_t(1) << 15;
+  // Waking a thread costs a few microseconds, and a short row about 0.1 us (C = 10), so a thread
+  // gets at least 2048 elements: N=256 C=10 runs on two (28 -> 14 us a call, 128 -> 113 us a
+  // training step on the development machine; the threshold was 32768 before), N=64 C=10 on one.
+  constexpr int64_t kMinElementsPerThread = int64_t(1) << 11;
   const int64_t work = N * C * (1 + a.num_teachers);
   const int64_t useful = std::max<int64_t>(1, std::min<int64_t>(N, work / kMinElementsPerThread));
   const int threads = static_cast<int>(std::min<int64_t>(std::max(a.num_threads, 1), useful));
