@@ -22,9 +22,10 @@ namespace py = pybind11;
 
 namespace {
 
-// The gradient is a fresh [N, C] buffer the kernel writes once; faulting it in 4 KiB pages costs
-// as much as the kernel itself at LLM sizes. Asking for transparent huge pages on its 2 MiB
-// aligned interior (a hint: refused or unsupported is harmless) cuts that cost several times.
+// A fresh gradient buffer (the first call of a size: kdkernels/_gradient_buffers.py reuses large
+// ones after that) is faulted in 4 KiB pages at a cost like the kernel's own at LLM sizes. Asking
+// for transparent huge pages on its 2 MiB aligned interior (a hint: refused or unsupported is
+// harmless) cuts that cost several times.
 void advise_huge_pages(void* data, uint64_t nbytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
