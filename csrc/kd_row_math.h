@@ -95,26 +95,27 @@ constexpr float kExpFlushBelow = -86.5f;
 
 // exp(x) for x <= 0 (or NaN), the only arguments the kernels take: x - max over a row. Written
 // so compilers vectorise it into few multiplications (the busiest units of the exponential
-// pass): e^x = 2^t with t = x / ln2 = n + f, n = round(t) by adding and removing 1.5 * 2^23
-// (exact under the default rounding mode), f = t - n with |f| <= 1/2, 2^f = e^(f ln2) by its
-// degree-6 Taylor polynomial (relative error < 1.3e-7, and far less near f = 0: a minimax fit
-// spreads its error evenly, which a two-class softmax's q - p amplifies 40-fold), and 2^n 2^f
-// by adding n to the exponent field of 2^f: kf = t + 1.5 * 2^23 holds n in its low mantissa
-// bits, and the rest of kf's bits vanish when shifted up by 23, so kf's bits << 23 are n << 23
-// (mod 2^32). That needs a normal result: x below kExpFlushBelow gives 0, so exp(-inf) = 0
-// exactly and no denormal is made; a NaN stays NaN. Positive x is out of contract.
+// pass): x = n ln2 + r with n = round(x / ln2) by adding and removing 1.5 * 2^23 (exact under
+// the default rounding mode) and |r| <= ln2 / 2 by a Cody-Waite split of ln2 (both products
+// exact, so r keeps its digits at every |x|), e^r by its degree-6 Taylor polynomial (relative
+// error < 2.5e-7 in float32), and 2^n e^r by adding n to the exponent field of e^r, with no
+// float-to-int conversion: kf = x / ln2 + 1.5 * 2^23 holds n in its low mantissa bits, and the
+// rest of kf's bits vanish when shifted up by 23, so kf's bits << 23 are n << 23 (mod 2^32).
+// That needs a normal result: x below kExpFlushBelow gives 0, so exp(-inf) = 0 exactly and no
+// denormal is made; a NaN stays NaN. Positive x is out of contract.
 KD_HOST_DEVICE float fast_exp(float x) {
   const float shifter = 12582912.0f;
-  const float t = x * 1.44269504088896341f;
-  const float kf = t + shifter;
-  const float f = t - (kf - shifter);
-  float p = 1.540353039e-04f;  // (ln 2)^k / k!
-  p = p * f + 1.333355815e-03f;
-  p = p * f + 9.618129108e-03f;
-  p = p * f + 5.550410866e-02f;
-  p = p * f + 2.402265070e-01f;
-  p = p * f + 6.931471806e-01f;
-  p = p * f + 1.0f;
+  const float kf = x * 1.44269504088896341f + shifter;
+  const float n = kf - shifter;
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
   const float y = bit_cast<float>(bit_cast<uint32_t>(p) + (bit_cast<uint32_t>(kf) << 23));
   // x - x is 0, or NaN when x is NaN: a NaN's payload bits can shift into y's exponent above.
   return x < kExpFlushBelow ? 0.0f : y + (x - x);

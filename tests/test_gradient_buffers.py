@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kdkernels as kd
-from kdkernels import _gradient_buffers
+from kdkernels import _fused, _gradient_buffers
 from kdkernels.testing import assert_matches_reference, sample_inputs
 
 
@@ -18,9 +18,13 @@ def keep_every_size(monkeypatch):
     kd.empty_cache()
 
 
+def _bytes_of(storage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
 def _poison_kept_buffers() -> None:
-    for storage in _gradient_buffers._kept.values():
-        torch.empty(0, dtype=torch.uint8).set_(storage).fill_(0xFF)  # NaN in every float dtype
+    for storage in _gradient_buffers._kept:
+        _bytes_of(storage).fill_(0xFF)  # NaN in every float dtype
 
 
 def _inputs():
@@ -52,9 +56,10 @@ def test_every_element_of_a_reused_buffer_is_written(keep_every_size, dtype):
     for case in cases:
         assert_matches_reference("cpu", case, dtype)  # its gradient's storage is now kept, free
         _poison_kept_buffers()
-        before = dict(_gradient_buffers._kept)
+        before = _kept_pointers()  # addresses only: holding the storages would keep them busy
         assert_matches_reference("cpu", case, dtype)
-        reused += any(_gradient_buffers._kept.get(k) is v for k, v in before.items())
+        # The buffer used last is kept last; a new one would differ from every kept address.
+        reused += _gradient_buffers._kept[-1].data_ptr() in before
     assert reused == len(cases)
 
 
@@ -69,10 +74,63 @@ def test_a_gradient_still_referenced_is_never_written(keep_every_size):
     assert torch.equal(row, expected)
 
 
+def _kept_pointer() -> int:
+    (storage,) = _gradient_buffers._kept
+    return storage.data_ptr()
+
+
+def _kept_pointers() -> set[int]:
+    return {storage.data_ptr() for storage in _gradient_buffers._kept}
+
+
 def test_the_buffer_is_reused_once_free(keep_every_size):
     student, teachers, labels = _inputs()
-    pointer = _gradient(student, teachers, labels).data_ptr()
-    assert _gradient(student, teachers, labels).data_ptr() == pointer
+    _gradient(student, teachers, labels)
+    pointer = _kept_pointer()
+    # Were it not reused, the new buffer would be allocated while the kept one still lives.
+    assert _gradient(student, teachers, labels).data_ptr() == pointer == _kept_pointer()
+
+
+def test_two_losses_of_one_step_each_reuse_a_buffer(keep_every_size):
+    student, teachers, labels = _inputs()
+
+    def step():  # both forward passes run before the backward pass
+        student.grad = None
+        (_loss(student, teachers, labels) + _loss(student, teachers, labels)).backward()
+
+    step()
+    before = _kept_pointers()
+    step()
+    assert len(before) == 2 and _kept_pointers() == before
+
+
+def test_a_storage_handle_the_user_holds_is_never_written(keep_every_size):
+    student, teachers, labels = _inputs()
+    handle = _gradient(student, teachers, labels).untyped_storage()  # the kept object itself
+    expected = _bytes_of(handle).clone()
+    student.grad = None  # no tensor refers to the storage now, only the handle
+    second = _gradient(student, teachers, labels)
+    assert second.untyped_storage().data_ptr() != handle.data_ptr()
+    assert torch.equal(_bytes_of(handle), expected)
+
+
+def test_the_chunks_of_the_hidden_state_loss_share_one_buffer(keep_every_size, monkeypatch):
+    pointers = []
+
+    def recording(student):
+        grad = _gradient_buffers.new_gradient(student)
+        pointers.append(grad.data_ptr())
+        return grad
+
+    monkeypatch.setattr(_fused, "new_gradient", recording)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(8, 16, generator=gen, requires_grad=True)
+    weight, teacher_weight = torch.randn(2, 40, 16, generator=gen)
+    loss = kd.linear_distillation_loss(
+        hidden, weight, hidden.detach(), teacher_weight, chunk_size=2, backend="cpu"
+    )
+    loss.backward()
+    assert len(pointers) == 4 and len(set(pointers)) == 1
 
 
 def test_gradient_accumulation_adds_into_the_kept_gradient(keep_every_size):
