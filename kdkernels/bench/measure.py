@@ -49,17 +49,19 @@ def training_step(fn, case: Case, device: str = "cpu") -> tuple[Callable[[], Ten
     return once, student
 
 
-def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 1):
+def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 3):
     """Median seconds of one call (forward, and backward when case.backward), and the loss."""
     once, _ = training_step(fn, case, device)
     return median_time(once, device, repeats, warmup)
 
 
-def median_time(once: Callable[[], Tensor], device: str, repeats: int, warmup: int = 1):
+def median_time(once: Callable[[], Tensor], device: str, repeats: int, warmup: int = 3):
     """Median seconds of `once()` (which returns the loss), and the loss. Warm-up: `warmup`
     calls, and more until 50 ms have passed (a small batch's first calls pay for cold caches
-    and lazy initialisation). Each sample then times enough back-to-back calls to last about a
-    millisecond (one call of a small batch, tens of microseconds, is mostly timer noise)."""
+    and lazy initialisation; a long row's first few calls, for faulting in and settling fresh
+    memory: N=2048 C=32000 M=4 took 424, 86, 76, 72, then 62-65 ms). Each sample then times
+    enough back-to-back calls to last about a millisecond (one call of a small batch, tens of
+    microseconds, is mostly timer noise)."""
     calls, start = 0, time.perf_counter()
     while calls < warmup or (time.perf_counter() - start < 0.05 and calls < 10_000):
         loss = once()
