@@ -49,10 +49,10 @@ def training_step(fn, case: Case, device: str = "cpu") -> tuple[Callable[[], Ten
     return once, student
 
 
-def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5, warmup: int = 3):
+def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5):
     """Median seconds of one call (forward, and backward when case.backward), and the loss."""
     once, _ = training_step(fn, case, device)
-    return median_time(once, device, repeats, warmup)
+    return median_time(once, device, repeats)
 
 
 def median_time(once: Callable[[], Tensor], device: str, repeats: int, warmup: int = 3):
@@ -124,15 +124,16 @@ def child_peak_memory(provider: str, case_json: str) -> None:
     def once() -> None:
         step()
         student.grad = None  # the gradient is the call's memory, not the inputs'
-        kdkernels.empty_cache()  # a fresh process has no gradient buffer kept for reuse
 
     print(peak_rss_above(once))
 
 
 def peak_rss_above(once: Callable[[], object]) -> float:
     """MB of resident memory one call of `once()` peaks at above what the process held before
-    it; one warm-up call first (compilation and allocator start-up are not its memory)."""
+    it; one warm-up call first (compilation and allocator start-up are not its memory), after
+    which the gradient buffers kdkernels keeps for reuse are freed: a fresh process has none."""
     once()
+    kdkernels.empty_cache()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset the peak (VmHWM) to the current resident size
     base = _rss_kb("VmRSS:")
