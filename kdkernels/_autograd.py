@@ -131,17 +131,18 @@ def _plain_eager(tensors: list[Tensor]) -> bool:
 
 
 class _EagerFused(torch.autograd.Function):
-    """A fused op's implementation with the op's autograd, minus torch.library's Python
-    dispatch (argument defaults, pytree flattening: about 300 us a call, which is what a small
-    classification batch costs in all), and with a mean/sum reduction done inside (one autograd
-    node less). Used only in plain eager mode; anything else goes through the registered op."""
+    """A fused op's kernel with the op's autograd, minus torch.library's Python dispatch
+    (argument defaults, pytree flattening: about 300 us a call, which is what a small
+    classification batch costs in all) and the op's input checks (validation made them), and
+    with a mean/sum reduction done inside (one autograd node less). Used only in plain eager
+    mode; anything else goes through the registered op."""
 
     # forward takes ctx (no separate setup_context): apply() then skips binding the arguments
     # with inspect.signature, which alone costs tens of microseconds. The op's other arguments
     # come as one tuple: apply() inspects each argument it is given.
     @staticmethod
-    def forward(ctx, student, impl, reduce, other_arguments):
-        row_loss, grad = impl(student, *other_arguments)
+    def forward(ctx, student, kernel, reduce, other_arguments):
+        row_loss, grad = kernel(student, *other_arguments)
         _save_gradient(ctx, grad)
         return row_loss.sum() if reduce else row_loss, grad
 
@@ -157,13 +158,18 @@ def register_fused_op(op) -> None:
     register_fused_autograd(op)
 
 
-def run_fused(op, impl, problem: Problem, student: Tensor, teachers: list[Tensor]) -> Tensor:
-    """The loss of a fused op (registered from `impl`) on a validated problem, reduced as its
-    options say: a scalar for "mean" and "sum", the student's leading shape for "none"."""
+def run_fused(op, kernel, problem: Problem, student: Tensor, teachers: list[Tensor]) -> Tensor:
+    """The loss of a fused op on a validated problem, reduced as its options say: a scalar for
+    "mean" and "sum", the student's leading shape for "none". `kernel`: the op's implementation
+    without its input checks (validation made them), for the eager path."""
     args = op_arguments(problem, student, teachers, problem.weights)
     reduce = problem.options.reduction != "none"
     if _plain_eager([student, *teachers]):
-        loss, _ = _EagerFused.apply(student, impl, reduce, args[1:])
+        if args[-1]:  # compute_grad: the autograd node
+            loss, _ = _EagerFused.apply(student, kernel, reduce, args[1:])
+        else:  # no_grad, or a student without requires_grad: no node to build
+            row_loss, _ = kernel(*args)
+            loss = row_loss.sum() if reduce else row_loss
     else:
         row_loss, _ = op(*args)
         loss = row_loss.sum() if reduce else row_loss

@@ -16,6 +16,7 @@ from ._autograd import register_fused_op, run_fused
 from ._extension import load_extension
 from ._fused import (
     OpOptions,
+    check_op_inputs,
     fused_op_signature,
     kernel_arguments,
     kernel_dtypes,
@@ -56,8 +57,7 @@ def missing() -> str | None:
     return load_extension()[1] or None
 
 
-@fused_op_signature
-def _fused_kd_emulated_impl(
+def _fused_kd_emulated_kernel(
     student: Tensor,
     teachers: list[Tensor],
     labels: Tensor | None,
@@ -65,7 +65,7 @@ def _fused_kd_emulated_impl(
     weights,
     *options,
 ) -> tuple[Tensor, Tensor]:
-    """The CUDA kernel on the emulator: per-row losses [N] and, if compute_grad, the gradient."""
+    """The op on inputs already checked (by check_op_inputs, or by validation)."""
     ext, why = load_extension()
     if ext is None or _emulator is None:
         raise RuntimeError(why or missing())
@@ -82,6 +82,20 @@ def _fused_kd_emulated_impl(
     return row_loss, grad
 
 
+@fused_op_signature
+def _fused_kd_emulated_impl(
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    num_items: Tensor | None,
+    weights,
+    *options,
+) -> tuple[Tensor, Tensor]:
+    """The CUDA kernel on the emulator: per-row losses [N] and, if compute_grad, the gradient."""
+    check_op_inputs(student, teachers, labels, num_items, len(weights))
+    return _fused_kd_emulated_kernel(student, teachers, labels, num_items, weights, *options)
+
+
 fused_kd_emulated = torch.library.custom_op("kdkernels::fused_kd_emulated", mutates_args=())(
     _fused_kd_emulated_impl
 )
@@ -90,4 +104,4 @@ register_fused_op(fused_kd_emulated)
 
 def emulated_loss(problem: Problem) -> Tensor:
     """The loss of the emulated op on a validated problem, reduced as its options say."""
-    return run_fused(fused_kd_emulated, _fused_kd_emulated_impl, problem, *kernel_dtypes(problem))
+    return run_fused(fused_kd_emulated, _fused_kd_emulated_kernel, problem, *kernel_dtypes(problem))

@@ -13,6 +13,7 @@ from ._autograd import register_fused_op, run_fused
 from ._extension import load_extension
 from ._fused import (
     OpOptions,
+    check_op_inputs,
     fused_op_signature,
     kernel_arguments,
     kernel_dtypes,
@@ -20,8 +21,7 @@ from ._fused import (
 from ._validate import Problem
 
 
-@fused_op_signature
-def _fused_kd_impl(
+def _fused_kd_kernel(
     student: Tensor,
     teachers: list[Tensor],
     labels: Tensor | None,
@@ -29,7 +29,7 @@ def _fused_kd_impl(
     weights,
     *options,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row losses [N] and, if compute_grad, d(sum of them)/d(student) [N, C] (else empty)."""
+    """The op on inputs already checked (by check_op_inputs, or by validation: the eager path)."""
     ext, why = load_extension()
     if ext is None:
         raise RuntimeError(why)
@@ -50,10 +50,24 @@ def _fused_kd_impl(
     return row_loss, grad
 
 
+@fused_op_signature
+def _fused_kd_impl(
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    num_items: Tensor | None,
+    weights,
+    *options,
+) -> tuple[Tensor, Tensor]:
+    """Per-row losses [N] and, if compute_grad, d(sum of them)/d(student) [N, C] (else empty)."""
+    check_op_inputs(student, teachers, labels, num_items, len(weights))
+    return _fused_kd_kernel(student, teachers, labels, num_items, weights, *options)
+
+
 fused_kd = torch.library.custom_op("kdkernels::fused_kd", mutates_args=())(_fused_kd_impl)
 register_fused_op(fused_kd)
 
 
 def fused_loss(problem: Problem) -> Tensor:
     """The loss of the fused op on a validated problem, reduced as its options say."""
-    return run_fused(fused_kd, _fused_kd_impl, problem, *kernel_dtypes(problem))
+    return run_fused(fused_kd, _fused_kd_kernel, problem, *kernel_dtypes(problem))

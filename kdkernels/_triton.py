@@ -433,8 +433,7 @@ def launch_config(c: int, device: torch.device) -> tuple[int, int]:
     return block, 4 if block <= 1024 else 8
 
 
-@fused_op_signature
-def _fused_kd_triton_impl(
+def _fused_kd_triton_kernel(
     student: Tensor,
     teachers: list[Tensor],
     labels: Tensor | None,
@@ -442,11 +441,8 @@ def _fused_kd_triton_impl(
     teacher_weights,
     *options,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row losses [N] (float32) and, if compute_grad, d(sum of them)/d(student) [N, C]."""
+    """The op on inputs already checked (by check_op_inputs, or by validation)."""
     o = OpOptions(*options)
-    check_op_inputs(student, teachers, labels, num_items, len(teacher_weights), same_dtype=False)
-    if len(teachers) > MAX_TEACHERS:
-        raise ValueError(f"the Triton kernel takes at most {MAX_TEACHERS} teachers")
     n, c = student.shape
     row_loss = student.new_empty((n,), dtype=torch.float32)
     grad = student.new_empty((n, c) if o.compute_grad else (0,))
@@ -499,6 +495,22 @@ def _fused_kd_triton_impl(
     return row_loss, grad
 
 
+@fused_op_signature
+def _fused_kd_triton_impl(
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    num_items: Tensor | None,
+    teacher_weights,
+    *options,
+) -> tuple[Tensor, Tensor]:
+    """Per-row losses [N] (float32) and, if compute_grad, d(sum of them)/d(student) [N, C]."""
+    check_op_inputs(student, teachers, labels, num_items, len(teacher_weights), same_dtype=False)
+    if len(teachers) > MAX_TEACHERS:
+        raise ValueError(f"the Triton kernel takes at most {MAX_TEACHERS} teachers")
+    return _fused_kd_triton_kernel(student, teachers, labels, num_items, teacher_weights, *options)
+
+
 fused_kd_triton = None
 if triton is not None:
     fused_kd_triton = torch.library.triton_op("kdkernels::fused_kd_triton", mutates_args=())(
@@ -512,5 +524,5 @@ if triton is not None:
 def triton_loss(problem: Problem) -> Tensor:
     """The loss of the Triton op on a validated problem, reduced as its options say."""
     return run_fused(
-        fused_kd_triton, _fused_kd_triton_impl, problem, problem.student, problem.teachers
+        fused_kd_triton, _fused_kd_triton_kernel, problem, problem.student, problem.teachers
     )

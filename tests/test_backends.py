@@ -97,11 +97,19 @@ def test_student_without_grad_is_forward_only(backend):
     assert rel_error(out, case.reference(student, teachers, labels)) < 1e-5
 
 
-def test_no_grad_mode_is_forward_only():
-    student = torch.randn(8, 16, requires_grad=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_grad_mode_is_forward_only(backend, reduction):
+    """Under no_grad the eager path calls the kernel without an autograd node: the same loss."""
+    case = FULL[4]
+    student, teachers, labels = case.inputs(torch.float32)
+    student.requires_grad_(True)
     with torch.no_grad():
-        out = kd.distillation_loss(student, torch.randn(8, 16), backend="cpu")
+        out = kd.distillation_loss(student, teachers, labels, backend=backend, reduction=reduction)
     assert not out.requires_grad
+    expected = kd.distillation_loss(student, teachers, labels, backend=backend, reduction=reduction)
+    assert expected.requires_grad and out.shape == expected.shape
+    assert torch.equal(out, expected.detach())
 
 
 def test_teacher_that_requires_grad_warns_and_gets_none():

@@ -217,9 +217,18 @@ def test_extension_boundary_accepts_good_arguments():
     assert abs(row_loss.sum().item() - ref.item()) < 1e-4 * abs(ref.item())
 
 
-def test_op_called_directly_checks_shapes_before_reading_pointers():
-    from kdkernels._ops import fused_kd
+def _fused_ops():
+    from kdkernels import _emulated, _ops, _triton
 
+    ops = [_ops.fused_kd]
+    ops += [_emulated.fused_kd_emulated] if _emulated.missing() is None else []
+    return ops + ([_triton.fused_kd_triton] if _triton.fused_kd_triton is not None else [])
+
+
+@pytest.mark.parametrize("fused_kd", _fused_ops(), ids=str)
+def test_op_called_directly_checks_shapes_before_reading_pointers(fused_kd):
+    """Each backend's op checks its inputs (the eager path skips the checks: validation made
+    them), so a direct call with mismatched tensors is an error before any pointer is read."""
     s, t = torch.randn(4, 10), torch.randn(3, 10)
     args = (None, None, [1.0], 4.0, 0.9, 0.1, "geometric", "kl", None, True, -100, None, "mean")
     args = (*args, False)
