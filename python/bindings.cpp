@@ -66,6 +66,18 @@ void forward_cuda(const kd::KDArgs& a, uintptr_t stream, int device, uintptr_t w
 }
 #endif
 
+// Whether each of the n int64 labels at `data` is a class in [0, num_classes): the common case
+// of the CPU label check, in one call instead of torch's aminmax and two .item() (about 2 us of
+// a small batch's step). The caller passes a contiguous int64 CPU tensor's pointer and size.
+bool labels_in_range(uintptr_t data, int64_t n, int64_t num_classes) {
+  if (n < 0) throw std::invalid_argument("labels_in_range: n must be >= 0");
+  if (n > 0 && data == 0) throw std::invalid_argument("labels_in_range: null labels pointer");
+  const int64_t* labels = reinterpret_cast<const int64_t*>(data);
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= labels[i] >= 0 && labels[i] < num_classes;
+  return ok;
+}
+
 // (number of usable CUDA devices, why none) for kdkernels.backends().
 py::tuple cuda_status() {
 #ifdef KDKERNELS_WITH_CUDA
@@ -118,6 +130,8 @@ PYBIND11_MODULE(_C, m) {
                                        "none"_a = int(kd::Reduction::kNone));
   m.attr("TEMPERATURE_RANGE") = py::make_tuple(kd::kMinTemperature, kd::kMaxTemperature);
   m.def("build_info", &build_info, "How this extension was built.");
+  m.def("labels_in_range", &labels_in_range, py::arg("data"), py::arg("n"), py::arg("num_classes"),
+        "Whether n contiguous int64 labels at a CPU address are all in [0, num_classes).");
   m.def("cuda_status", &cuda_status, "(usable CUDA devices, why none) as the CUDA runtime says.");
 #ifdef KDKERNELS_WITH_CUDA
   m.def("forward_cuda", &forward_cuda, py::arg("args"), py::arg("stream"), py::arg("device"),

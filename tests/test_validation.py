@@ -217,6 +217,32 @@ def test_extension_boundary_accepts_good_arguments():
     assert abs(row_loss.sum().item() - ref.item()) < 1e-4 * abs(ref.item())
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [[0, 9, 3], [0, 10, 3], [-1, 0, 0], [9], [-(2**63)], [2**63 - 1], [5] * 1000 + [10], []],
+)
+def test_cpu_label_check_agrees_with_torch(labels, monkeypatch):
+    """The extension's one-pass label check (the CPU fast path of validation) and the torch
+    fallback (no extension, or GPU labels) say what torch says, at both ends of the class range
+    and of int64."""
+    from kdkernels import _validate
+
+    flat = torch.tensor(labels, dtype=torch.int64)
+    expected = bool(((flat >= 0) & (flat < 10)).all())
+    assert _C.labels_in_range(flat.data_ptr(), flat.numel(), 10) == expected
+    if flat.numel() > 0:  # validation checks non-empty labels only
+        assert _validate._all_classes(flat, 10) == expected
+        monkeypatch.setattr(_validate, "load_extension", lambda: (None, "not built"))
+        assert _validate._all_classes(flat, 10) == expected
+
+
+def test_cpu_label_check_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        _C.labels_in_range(0, -1, 10)
+    with pytest.raises(ValueError, match="null labels pointer"):
+        _C.labels_in_range(0, 3, 10)
+
+
 def _fused_ops():
     from kdkernels import _emulated, _ops, _triton
 
