@@ -164,13 +164,12 @@ def run_fused(op, kernel, problem: Problem, student: Tensor, teachers: list[Tens
     without its input checks (validation made them), for the eager path."""
     args = op_arguments(problem, student, teachers, problem.weights)
     reduce = problem.options.reduction != "none"
-    if _plain_eager([student, *teachers]):
-        if args[-1]:  # compute_grad: the autograd node
-            loss, _ = _EagerFused.apply(student, kernel, reduce, args[1:])
-        else:  # no_grad, or a student without requires_grad: no node to build
-            row_loss, _ = kernel(*args)
-            loss = row_loss.sum() if reduce else row_loss
-    else:
-        row_loss, _ = op(*args)
+    plain = _plain_eager([student, *teachers])
+    # compute_grad: the autograd node. So under forward-mode AD: the node raises for a dual
+    # student (no jvp), where the kernel alone would silently drop the tangent.
+    if plain and (args[-1] or torch.autograd.forward_ad._current_level >= 0):
+        loss, _ = _EagerFused.apply(student, kernel, reduce, args[1:])
+    else:  # traced, or nothing to differentiate (no_grad, a student without requires_grad)
+        row_loss, _ = (kernel if plain else op)(*args)
         loss = row_loss.sum() if reduce else row_loss
     return loss if reduce else loss.reshape(problem.lead_shape)

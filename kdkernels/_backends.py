@@ -40,8 +40,9 @@ class Backend:
     loss: Callable[[Problem], Tensor]  # the loss, reduced as the options say
     kernel: bool = True  # False for the pure-PyTorch reference
     auto: bool = True  # whether "auto" may choose it
-    # The fused kernel itself, impl(logits, teachers, labels, num_items, weights, *OpOptions)
-    # -> (row losses, gradient), which the hidden-state loss runs per chunk (None: the reference)
+    # The fused op's checked implementation, impl(logits, teachers, labels, num_items, weights,
+    # *OpOptions) -> (row losses, gradient), which the hidden-state loss runs per chunk (None:
+    # the reference)
     impl: Callable | None = None
 
 

@@ -16,8 +16,7 @@ from ._autograd import register_fused_op, run_fused
 from ._extension import load_extension
 from ._fused import (
     OpOptions,
-    check_op_inputs,
-    fused_op_signature,
+    checked_op_impl,
     kernel_arguments,
     kernel_dtypes,
 )
@@ -65,7 +64,8 @@ def _fused_kd_emulated_kernel(
     weights,
     *options,
 ) -> tuple[Tensor, Tensor]:
-    """The op on inputs already checked (by check_op_inputs, or by validation)."""
+    """The CUDA kernel on the emulator: per-row losses [N] and, if compute_grad, the gradient,
+    on inputs already checked (by the op's check_op_inputs, or by validation)."""
     ext, why = load_extension()
     if ext is None or _emulator is None:
         raise RuntimeError(why or missing())
@@ -82,19 +82,7 @@ def _fused_kd_emulated_kernel(
     return row_loss, grad
 
 
-@fused_op_signature
-def _fused_kd_emulated_impl(
-    student: Tensor,
-    teachers: list[Tensor],
-    labels: Tensor | None,
-    num_items: Tensor | None,
-    weights,
-    *options,
-) -> tuple[Tensor, Tensor]:
-    """The CUDA kernel on the emulator: per-row losses [N] and, if compute_grad, the gradient."""
-    check_op_inputs(student, teachers, labels, num_items, len(weights))
-    return _fused_kd_emulated_kernel(student, teachers, labels, num_items, weights, *options)
-
+_fused_kd_emulated_impl = checked_op_impl(_fused_kd_emulated_kernel)
 
 fused_kd_emulated = torch.library.custom_op("kdkernels::fused_kd_emulated", mutates_args=())(
     _fused_kd_emulated_impl

@@ -99,7 +99,7 @@ def check_op_inputs(
     if labels is not None and (
         labels.dtype != torch.int64
         or labels.shape != student.shape[:1]
-        or labels.stride(0) != 1
+        or (labels.stride(0) != 1 and shape[0] > 1)  # one label: its stride is never used
         or labels.device != student.device
     ):
         raise ValueError("labels must be a contiguous int64 [N] tensor on the student's device")
@@ -110,6 +110,19 @@ def check_op_inputs(
         or num_items.device != student.device
     ):
         raise ValueError("num_items must be a contiguous int64 [2] tensor on the student's device")
+
+
+def checked_op_impl(kernel: Callable, *, same_dtype: bool = True) -> Callable:
+    """A fused op's implementation (what torch.library registers): check_op_inputs, then
+    `kernel(student, teachers, labels, num_items, weights, *options)`, which the eager path
+    calls directly on validated inputs."""
+
+    @fused_op_signature
+    def impl(student, teachers, labels, num_items, weights, *options):
+        check_op_inputs(student, teachers, labels, num_items, len(weights), same_dtype=same_dtype)
+        return kernel(student, teachers, labels, num_items, weights, *options)
+
+    return impl
 
 
 @functools.cache

@@ -13,8 +13,7 @@ from ._autograd import register_fused_op, run_fused
 from ._extension import load_extension
 from ._fused import (
     OpOptions,
-    check_op_inputs,
-    fused_op_signature,
+    checked_op_impl,
     kernel_arguments,
     kernel_dtypes,
 )
@@ -29,7 +28,8 @@ def _fused_kd_kernel(
     weights,
     *options,
 ) -> tuple[Tensor, Tensor]:
-    """The op on inputs already checked (by check_op_inputs, or by validation: the eager path)."""
+    """Per-row losses [N] and, if compute_grad, d(sum of them)/d(student) [N, C] (else empty),
+    on inputs already checked (by the op's check_op_inputs, or by validation: the eager path)."""
     ext, why = load_extension()
     if ext is None:
         raise RuntimeError(why)
@@ -50,19 +50,7 @@ def _fused_kd_kernel(
     return row_loss, grad
 
 
-@fused_op_signature
-def _fused_kd_impl(
-    student: Tensor,
-    teachers: list[Tensor],
-    labels: Tensor | None,
-    num_items: Tensor | None,
-    weights,
-    *options,
-) -> tuple[Tensor, Tensor]:
-    """Per-row losses [N] and, if compute_grad, d(sum of them)/d(student) [N, C] (else empty)."""
-    check_op_inputs(student, teachers, labels, num_items, len(weights))
-    return _fused_kd_kernel(student, teachers, labels, num_items, weights, *options)
-
+_fused_kd_impl = checked_op_impl(_fused_kd_kernel)
 
 fused_kd = torch.library.custom_op("kdkernels::fused_kd", mutates_args=())(_fused_kd_impl)
 register_fused_op(fused_kd)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import register_fused_op, run_fused
-from ._fused import OpOptions, check_op_inputs, fused_op_signature
+from ._fused import OpOptions, checked_op_impl
 from ._validate import DEFAULT_BETA, Problem, divergence_of, row_counts
 
 try:
@@ -441,7 +441,10 @@ def _fused_kd_triton_kernel(
     teacher_weights,
     *options,
 ) -> tuple[Tensor, Tensor]:
-    """The op on inputs already checked (by check_op_inputs, or by validation)."""
+    """Per-row losses [N] (float32) and, if compute_grad, d(sum of them)/d(student) [N, C], on
+    inputs already checked (by the op's check_op_inputs, or by validation)."""
+    if len(teachers) > MAX_TEACHERS:  # the kernel's fixed teacher slots
+        raise ValueError(f"the Triton kernel takes at most {MAX_TEACHERS} teachers")
     o = OpOptions(*options)
     n, c = student.shape
     row_loss = student.new_empty((n,), dtype=torch.float32)
@@ -495,21 +498,7 @@ def _fused_kd_triton_kernel(
     return row_loss, grad
 
 
-@fused_op_signature
-def _fused_kd_triton_impl(
-    student: Tensor,
-    teachers: list[Tensor],
-    labels: Tensor | None,
-    num_items: Tensor | None,
-    teacher_weights,
-    *options,
-) -> tuple[Tensor, Tensor]:
-    """Per-row losses [N] (float32) and, if compute_grad, d(sum of them)/d(student) [N, C]."""
-    check_op_inputs(student, teachers, labels, num_items, len(teacher_weights), same_dtype=False)
-    if len(teachers) > MAX_TEACHERS:
-        raise ValueError(f"the Triton kernel takes at most {MAX_TEACHERS} teachers")
-    return _fused_kd_triton_kernel(student, teachers, labels, num_items, teacher_weights, *options)
-
+_fused_kd_triton_impl = checked_op_impl(_fused_kd_triton_kernel, same_dtype=False)
 
 fused_kd_triton = None
 if triton is not None:

@@ -65,7 +65,7 @@ OPTION_NAMES = tuple(f.name for f in fields(Options))
 class Problem(NamedTuple):
     student: Tensor  # [N, C], last dimension contiguous
     teachers: list[Tensor]  # M tensors [N, C], last dimension contiguous
-    labels: Tensor | None  # [N] int64
+    labels: Tensor | None  # [N] int64, contiguous
     weights: list[float]  # one per teacher, summing to 1 (zero-weight members dropped)
     lead_shape: torch.Size  # the student's leading dimensions
     options: Options
@@ -320,9 +320,9 @@ def _labels(
 
 def _all_classes(flat: Tensor, c: int) -> bool:
     """Whether every label of the contiguous int64 `flat` is a class in [0, c)."""
-    ext = load_extension()[0]
-    if flat.is_cpu and ext is not None:  # no tensors created: a small batch's microseconds
-        return ext.labels_in_range(flat.data_ptr(), flat.numel(), c)
+    in_range = getattr(load_extension()[0], "labels_in_range", None)
+    if in_range is not None and type(flat) is Tensor and flat.is_cpu:
+        return in_range(flat.data_ptr(), flat.numel(), c)  # no tensors created: microseconds
     lo, hi = flat.aminmax()
     return lo.item() >= 0 and hi.item() < c
 

@@ -8,6 +8,7 @@ from kdkernels.testing import (
     assert_matches_reference,
     backends_here,
     device_of,
+    loss_on,
     rel_error,
     run_against_reference,
     sample_inputs,
@@ -97,19 +98,31 @@ def test_student_without_grad_is_forward_only(backend):
     assert rel_error(out, case.reference(student, teachers, labels)) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", EVERY)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_no_grad_mode_is_forward_only(backend, reduction):
-    """Under no_grad the eager path calls the kernel without an autograd node: the same loss."""
-    case = FULL[4]
-    student, teachers, labels = case.inputs(torch.float32)
+    """Under no_grad the eager path calls the kernel without an autograd node: the loss of the
+    same kernel with its gradient."""
+    case = SMALL[4]
+    student, teachers, labels = case.inputs(torch.float32, device_of(backend))
     student.requires_grad_(True)
     with torch.no_grad():
-        out = kd.distillation_loss(student, teachers, labels, backend=backend, reduction=reduction)
+        out = loss_on(backend, student, teachers, labels, reduction=reduction)
     assert not out.requires_grad
-    expected = kd.distillation_loss(student, teachers, labels, backend=backend, reduction=reduction)
+    expected = loss_on(backend, student, teachers, labels, reduction=reduction)
     assert expected.requires_grad and out.shape == expected.shape
-    assert torch.equal(out, expected.detach())
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-6, atol=0)
+
+
+def test_forward_mode_ad_says_it_is_not_supported():
+    """A dual student (forward-mode AD) gets an error, never a loss without its tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    student, teacher = torch.randn(4, 10), torch.randn(4, 10)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(student, torch.randn(4, 10))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            kd.distillation_loss(dual, teacher, backend="cpu")
 
 
 def test_teacher_that_requires_grad_warns_and_gets_none():

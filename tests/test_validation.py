@@ -241,6 +241,8 @@ def test_cpu_label_check_refuses_bad_arguments():
         _C.labels_in_range(0, -1, 10)
     with pytest.raises(ValueError, match="null labels pointer"):
         _C.labels_in_range(0, 3, 10)
+    with pytest.raises(ValueError, match="num_classes must be >= 0"):
+        _C.labels_in_range(0, 0, -1)
 
 
 def _fused_ops():
@@ -262,6 +264,13 @@ def test_op_called_directly_checks_shapes_before_reading_pointers(fused_kd):
         fused_kd(s, [t], *args)
     with pytest.raises(ValueError, match="labels must be a contiguous int64"):
         fused_kd(s, [torch.randn(4, 10)], torch.zeros(3, dtype=torch.long), *args[1:])
+    # One row's label may have any stride (as validation lets it through to the eager path).
+    s1, t1 = torch.randn(1, 10), torch.randn(1, 10)
+    label = torch.tensor([[3, 7]])[:, 0]
+    assert label.stride(0) == 2
+    row_loss, _ = fused_kd(s1, [t1], label, *args[1:])
+    expected = kd.kd_loss_reference(s1.double(), [t1.double()], label.contiguous())
+    torch.testing.assert_close(row_loss.sum().double(), expected, rtol=1e-5, atol=0)
 
 
 def test_option_names_and_codes_agree_with_the_extension():

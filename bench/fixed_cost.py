@@ -1,0 +1,72 @@
+"""The fixed cost of one call at N=1, C=10 (CPU, float32): forward+backward with M = 1..5
+teachers (one tensor for M=1, a list otherwise), the forward under torch.no_grad(), and
+PyTorch's own floor measured beside them: `.backward()` of a leaf, and an autograd.Function that
+does nothing. Medians over interleaved blocks of calls, in microseconds.
+
+    python bench/fixed_cost.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import kdkernels as kd
+
+BLOCK, BLOCKS = 300, 21
+
+
+class _Nothing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros(1, 10)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    student = torch.randn(1, 10, requires_grad=True)
+    labels = torch.randint(0, 10, (1,))
+    teachers = {m: [torch.randn(1, 10) for _ in range(m)] for m in range(1, 6)}
+    teachers[1] = teachers[1][0]
+
+    def step(m: int) -> None:
+        student.grad = None
+        kd.distillation_loss(student, teachers[m], labels).backward()
+
+    def no_grad() -> None:
+        with torch.no_grad():
+            kd.distillation_loss(student, teachers[1], labels)
+
+    def leaf_backward() -> None:
+        student.grad = None
+        student.sum().backward()
+
+    def nothing() -> None:
+        student.grad = None
+        _Nothing.apply(student).backward()
+
+    calls = {f"M={m} fwd+bwd": (lambda m=m: step(m)) for m in teachers}
+    calls |= {"M=1 forward, no_grad": no_grad, "torch: sum().backward()": leaf_backward}
+    calls["torch: do-nothing Function fwd+bwd"] = nothing
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(BLOCKS + 1):  # the first round warms up
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(BLOCK):
+                call()
+            times[name].append((time.perf_counter() - start) / BLOCK * 1e6)
+    median = {name: statistics.median(t[1:]) for name, t in times.items()}
+    for name, us in median.items():
+        print(f"{name:36s} {us:7.1f} us")
+    per_teacher = (median["M=5 fwd+bwd"] - median["M=1 fwd+bwd"]) / 4
+    print(f"{'per extra teacher, (M=5 - M=1) / 4':36s} {per_teacher:7.2f} us")
+
+
+if __name__ == "__main__":
+    main()
