@@ -8,14 +8,13 @@ does nothing. Medians over interleaved blocks of calls, in microseconds.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import torch
 
 import kdkernels as kd
-
-BLOCK, BLOCKS = 300, 21
 
 
 class _Nothing(torch.autograd.Function):
@@ -29,6 +28,10 @@ class _Nothing(torch.autograd.Function):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=21, help="timed rounds (the median's)")
+    parser.add_argument("--block", type=int, default=300, help="calls per round")
+    a = parser.parse_args()
     torch.set_num_threads(2)
     student = torch.randn(1, 10, requires_grad=True)
     labels = torch.randint(0, 10, (1,))
@@ -55,12 +58,12 @@ def main() -> None:
     calls |= {"M=1 forward, no_grad": no_grad, "torch: sum().backward()": leaf_backward}
     calls["torch: do-nothing Function fwd+bwd"] = nothing
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(BLOCKS + 1):  # the first round warms up
+    for _ in range(a.blocks + 1):  # the first round warms up
         for name, call in calls.items():
             start = time.perf_counter()
-            for _ in range(BLOCK):
+            for _ in range(a.block):
                 call()
-            times[name].append((time.perf_counter() - start) / BLOCK * 1e6)
+            times[name].append((time.perf_counter() - start) / a.block * 1e6)
     median = {name: statistics.median(t[1:]) for name, t in times.items()}
     for name, us in median.items():
         print(f"{name:36s} {us:7.1f} us")

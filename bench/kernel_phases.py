@@ -18,11 +18,9 @@ from kdkernels import _C
 from kdkernels._fused import OpOptions, kernel_arguments
 from kdkernels._validate import Options
 
-N, C = 2048, 32000
-
 
 def kernel_ms(student, teacher, compute_grad: bool, repeats: int) -> float:
-    labels = torch.randint(0, C, (N,))
+    labels = torch.randint(0, student.shape[1], (student.shape[0],))
     options = OpOptions(*Options(temperature=4.0).values, compute_grad)
     # `_outputs` (row losses, gradient) stays alive here: the kernel writes through their pointers.
     arguments, *_outputs = kernel_arguments(_C, student, [teacher], labels, None, [1.0], options)
@@ -41,10 +39,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--classes", type=int, default=32000)
     a = parser.parse_args()
-    dtype = getattr(torch, a.dtype)
-    rows = torch.randn(N, C).to(dtype), torch.randn(N, C).to(dtype)
-    cached = tuple(torch.randn(1, C).to(dtype).expand(N, C) for _ in range(2))
+    dtype, n, c = getattr(torch, a.dtype), a.rows, a.classes
+    rows = torch.randn(n, c).to(dtype), torch.randn(n, c).to(dtype)
+    cached = tuple(torch.randn(1, c).to(dtype).expand(n, c) for _ in range(2))
     for label, inputs, grad in [
         ("full", rows, True),
         ("no gradient", rows, False),

@@ -10,6 +10,9 @@ float64 reference on the loss value.
 
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +37,23 @@ def test_provider(benchmark, case, provider):
     assert math.isclose(loss, reference, rel_tol=1e-4), f"{provider}: {loss} vs {reference}"
     if case.backward:
         assert student.grad is not None and student.grad.isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        ["kernel_phases.py", "--rows", "64", "--classes", "1000", "--repeats", "1"],
+        ["fixed_cost.py", "--blocks", "1", "--block", "2"],
+    ],
+    ids=lambda s: s[0],
+)
+def test_script_runs(script):
+    """The bench scripts the README quotes still run (small sizes, nothing timed)."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / script[0]), *script[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert " ms " in done.stdout or " us" in done.stdout
