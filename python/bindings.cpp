@@ -74,7 +74,7 @@ bool labels_in_range(uintptr_t data, int64_t n, int64_t num_classes) {
   if (num_classes < 0) throw std::invalid_argument("labels_in_range: num_classes must be >= 0");
   if (n > 0 && data == 0) throw std::invalid_argument("labels_in_range: null labels pointer");
   const int64_t* labels = reinterpret_cast<const int64_t*>(data);
-  // As unsigned, a negative label is above every class: one comparison, and the loop vectorises.
+  // As unsigned, a negative label is above every class: one comparison per label, no branch.
   const uint64_t limit = static_cast<uint64_t>(num_classes);
   bool ok = true;
   for (int64_t i = 0; i < n; ++i) ok &= static_cast<uint64_t>(labels[i]) < limit;
