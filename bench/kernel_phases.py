@@ -9,30 +9,29 @@ view of one cached row, stride 0). "cached, no gradient" is the arithmetic alone
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from kdkernels import _C
 from kdkernels._fused import OpOptions, kernel_arguments
 from kdkernels._validate import Options
+from kdkernels.bench.measure import median_time
 
 
 def kernel_ms(student, teacher, compute_grad: bool, repeats: int) -> float:
     labels = torch.randint(0, student.shape[1], (student.shape[0],))
     options = OpOptions(*Options(temperature=4.0).values, compute_grad)
-    # `_outputs` (row losses, gradient) stays alive here: the kernel writes through their pointers.
-    arguments, *_outputs = kernel_arguments(_C, student, [teacher], labels, None, [1.0], options)
+    # row_loss and `_grad` stay alive here: the kernel writes through their pointers.
+    arguments, row_loss, _grad = kernel_arguments(
+        _C, student, [teacher], labels, None, [1.0], options
+    )
     args = _C.make_args(*arguments)
-    for _ in range(3):
+
+    def once() -> torch.Tensor:
         _C.forward_cpu(args)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _C.forward_cpu(args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        return row_loss[0]
+
+    return median_time(once, "cpu", repeats)[0] * 1e3
 
 
 def main() -> None:
