@@ -1,5 +1,6 @@
 // Run-time choice of the CPU kernel's instruction set: the wheel is built for any x86-64 (and
-// aarch64), with AVX2 and AVX-512 variants of the kernel picked here when the CPU has them.
+// aarch64), with AVX2 and AVX-512 (with and without BF16) variants of the kernel picked here
+// when the CPU has them.
 #include <cstdlib>
 #include <cstring>
 
@@ -10,7 +11,9 @@ namespace kd {
 
 namespace {
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
+// In order of preference; the names are KDKERNELS_CPU_ISA's values and cpu_isa()'s.
+enum class Isa { kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512", "avx512_bf16"};
 
 Isa best_supported() {
 #if defined(KD_CPU_X86_VARIANTS) && (defined(__x86_64__) || defined(_M_X64))
@@ -20,6 +23,7 @@ Isa best_supported() {
   const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                   __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
                   __builtin_cpu_supports("avx512vl");
+  if (v4 && __builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Bf16;
   if (v4) return Isa::kAvx512;
   if (v3) return Isa::kAvx2;
 #endif
@@ -28,30 +32,24 @@ Isa best_supported() {
 
 Isa chosen() {
   static const Isa isa = [] {
-    Isa best = best_supported();
+    const Isa best = best_supported();
     const char* want = std::getenv("KDKERNELS_CPU_ISA");
-    if (want == nullptr) return best;
-    if (std::strcmp(want, "baseline") == 0) return Isa::kBaseline;
-    if (std::strcmp(want, "avx2") == 0 && best >= Isa::kAvx2) return Isa::kAvx2;
-    return best;  // unknown names and unsupported requests keep the best supported
+    for (int i = 0; want != nullptr && i <= static_cast<int>(best); ++i) {
+      if (std::strcmp(want, kIsaNames[i]) == 0) return static_cast<Isa>(i);
+    }
+    return best;  // unset, unknown names and unsupported requests keep the best supported
   }();
   return isa;
 }
 
 }  // namespace
 
-const char* cpu_isa() {
-  switch (chosen()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kBaseline: break;
-  }
-  return "baseline";
-}
+const char* cpu_isa() { return kIsaNames[static_cast<int>(chosen())]; }
 
 void kd_forward_cpu(const KDArgs& a) {
 #if defined(KD_CPU_X86_VARIANTS)
   switch (chosen()) {
+    case Isa::kAvx512Bf16: return avx512_bf16::forward(a);
     case Isa::kAvx512: return avx512::forward(a);
     case Isa::kAvx2: return avx2::forward(a);
     case Isa::kBaseline: break;

@@ -1,14 +1,17 @@
 // The fused distillation loss on the CPU: one call computes every row's weighted loss and, when
 // asked, the student's gradient. A row is read from memory once: pass 1 converts it into a
 // per-thread float buffer (student s, combined teacher z) and takes the maxima; pass 2 computes
-// the three exponentials per element (teacher, student at T, student at 1) and the sums; pass 3
-// writes the gradient from the buffered exponentials. The buffers are C floats each and stay in
-// cache, so the only [N, C] memory touched is the inputs and the gradient.
+// the exponentials per element (teacher, student at T, and student at 1 unless it is a power of
+// the one at T) and the sums; pass 3 writes the gradient from the buffered exponentials. The
+// buffers are C floats each and stay in cache, so the only [N, C] memory touched is the inputs
+// and the gradient.
 //
-// This file is compiled once per instruction set (baseline, AVX2, AVX-512 on x86-64), each into
-// its own namespace kd::<isa>; kd_cpu.cpp picks one at run time.
+// This file is compiled once per instruction set (baseline, AVX2, AVX-512, AVX-512 with BF16 on
+// x86-64), each into its own namespace kd::<isa>; kd_cpu.cpp picks one at run time.
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -18,6 +21,13 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC warns that a 64-byte vector (FloatLanes, below) is passed differently without AVX-512;
+// that matters only across a library boundary, and the functions taking one (kd_row_math.h's
+// included) are all inlined in this file.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 #include "kd_args.h"
@@ -67,20 +77,69 @@ constexpr int64_t kLanes = 16;
 // kept every row within 1e-4 relative or 1e-9 absolute of float64, the worst at 0.43 of that).
 constexpr double kAccurateBelow = 3e-3;
 
-struct NoHook {
-  void operator()(int64_t) const {}
-};
-
-// body(j, lane) for j in [0, n); block_hook(j) before each block of kLanes elements.
-template <typename Body, typename Hook = NoHook>
-inline void for_lanes(int64_t n, Body&& body, Hook&& block_hook = {}) {
+// body(j, lane) for j in [0, n).
+template <typename Body>
+inline void for_lanes(int64_t n, Body&& body) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    block_hook(j);
 #pragma omp simd
     for (int64_t k = 0; k < kLanes; ++k) body(j + k, k);
   }
   for (int64_t k = 0; j < n; ++j, ++k) body(j, k);
+}
+
+// Passes 1 and 2 run on whole vectors of kLanes floats (GCC vector extensions: one zmm register
+// with AVX-512, two ymm with AVX2, four xmm otherwise; pass 2's rows are padded to whole
+// vectors). Written per element, GCC compiled pass 1's loops to half-width vectors.
+using FloatLanes = float __attribute__((vector_size(kLanes * sizeof(float))));
+using UintLanes = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+using Bits16Lanes = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+
+// The type pass 2 computes in: kLanes floats at once, or one double.
+template <typename Acc>
+using PassVector = std::conditional_t<std::is_same_v<Acc, float>, FloatLanes, double>;
+
+template <typename V, typename Acc>
+V load_vector(const Acc* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));  // an unaligned vector load
+  return v;
+}
+
+template <typename V, typename Acc>
+void store_vector(Acc* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+inline float lane_sum(FloatLanes v) {
+  float total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) total += v[k];
+  return total;
+}
+inline double lane_sum(double v) { return v; }
+
+inline float lane_max(FloatLanes v) {
+  float m = v[0];
+  for (int64_t k = 1; k < kLanes; ++k) m = v[k] > m ? v[k] : m;
+  return m;
+}
+
+// kLanes input values from p, as floats.
+inline FloatLanes load_lanes(const float* p) { return load_vector<FloatLanes>(p); }
+
+inline FloatLanes load_lanes(const BFloat16* p) {  // a bfloat16 is a float's upper 16 bits
+  return (FloatLanes)(__builtin_convertvector(load_vector<Bits16Lanes>(p), UintLanes) << 16);
+}
+
+inline FloatLanes load_lanes(const Half* p) {
+#if defined(__AVX512F__)
+  // Exact, as to_float. (maskz with every lane: see exp2_nonpositive.)
+  return (FloatLanes)_mm512_maskz_cvtph_ps(0xffff, load_vector<__m256i>(p));
+#else
+  float v[kLanes];
+  for (int64_t k = 0; k < kLanes; ++k) v[k] = to_float(p[k]);
+  return load_vector<FloatLanes>(v);
+#endif
 }
 
 inline int64_t padded_classes(int64_t C) { return (C + kLanes - 1) / kLanes * kLanes; }
@@ -112,17 +171,30 @@ struct Lanes {
   }
 };
 
-// dst = (src - ref) * scale; returns its max.
-template <typename Acc, typename In>
-Acc load_scaled_max(const In* __restrict__ src, Acc* __restrict__ dst, int64_t n, Acc ref,
-                    Acc scale) {
-  Lanes<Acc> m(-std::numeric_limits<Acc>::infinity());
-  for_lanes(n, [&](int64_t j, int64_t k) {
-    const Acc v = (static_cast<Acc>(to_float(src[j])) - ref) * scale;
-    dst[j] = v;
-    m.v[k] = v > m.v[k] ? v : m.v[k];  // a NaN never becomes the max; it reaches the sums via exp
+// dst = c (src - ref), or with kAdd dst += c (src - ref); returns the new dst's max (a NaN
+// never becomes the max; it reaches the sums through exp). Whole vectors first for float.
+template <bool kAdd, typename Acc, typename In>
+Acc scaled_into(const In* __restrict__ src, Acc* __restrict__ dst, int64_t n, Acc ref, Acc c) {
+  int64_t done = 0;
+  Acc m = -std::numeric_limits<Acc>::infinity();
+  if constexpr (std::is_same_v<Acc, float>) {
+    FloatLanes top = FloatLanes{} + m;
+    for (; done + kLanes <= n; done += kLanes) {
+      FloatLanes v = c * (load_lanes(src + done) - ref);
+      if constexpr (kAdd) v += load_vector<FloatLanes>(dst + done);
+      store_vector(dst + done, v);
+      top = v > top ? v : top;
+    }
+    m = lane_max(top);
+  }
+  Lanes<Acc> top(m);
+  for_lanes(n - done, [&](int64_t j, int64_t k) {
+    Acc v = c * (static_cast<Acc>(to_float(src[done + j])) - ref);
+    if constexpr (kAdd) v += dst[done + j];
+    dst[done + j] = v;
+    top.v[k] = v > top.v[k] ? v : top.v[k];
   });
-  return lane_max(m.v);
+  return lane_max(top.v);
 }
 
 template <typename Acc>
@@ -143,41 +215,18 @@ Acc row_reference(const Tt* row) {
 // Geometric ensemble: z_j = sum_m (w_m / T) (t_mj - ref_m). Returns max_j z_j.
 template <typename Tt, typename Acc>
 Acc combine_geometric(const KDArgs& a, int64_t row, Acc inv_t, const RowBuffers<Acc>& b) {
-  const int64_t C = a.num_classes;
-  int32_t active[kMaxTeachers];  // a zero-weight member is not part of the ensemble
-  int32_t count = 0;
+  // The first member initialises z, later ones accumulate; the last one's max is z's.
+  Acc m_z = 0;
+  bool first = true;
   for (int32_t m = 0; m < a.num_teachers; ++m) {
-    if (a.teacher_weights[m] > 0.0) active[count++] = m;
+    if (!(a.teacher_weights[m] > 0.0)) continue;  // a zero-weight member is not in the ensemble
+    const Tt* t = static_cast<const Tt*>(a.teachers[m]) + row * a.teacher_row_strides[m];
+    const Acc ref = row_reference<Acc>(t), c = static_cast<Acc>(a.teacher_weights[m]) * inv_t;
+    m_z = first ? scaled_into<false>(t, b.z, a.num_classes, ref, c)
+                : scaled_into<true>(t, b.z, a.num_classes, ref, c);
+    first = false;
   }
-  auto row_of = [&](int32_t m) {
-    return static_cast<const Tt*>(a.teachers[m]) + row * a.teacher_row_strides[m];
-  };
-  auto coeff = [&](int32_t m) { return static_cast<Acc>(a.teacher_weights[m]) * inv_t; };
-  // The first member initialises z (and, alone, gives its max); later members accumulate, the
-  // last one taking the max in the same pass.
-  if (count == 1) {
-    const Tt* t = row_of(active[0]);
-    return load_scaled_max(t, b.z, C, row_reference<Acc>(t), coeff(active[0]));
-  }
-  {
-    const Tt* __restrict__ t = row_of(active[0]);
-    const Acc c = coeff(active[0]), ref = row_reference<Acc>(t);
-    for (int64_t j = 0; j < C; ++j) b.z[j] = c * (static_cast<Acc>(to_float(t[j])) - ref);
-  }
-  for (int32_t i = 1; i + 1 < count; ++i) {
-    const Tt* __restrict__ t = row_of(active[i]);
-    const Acc c = coeff(active[i]), ref = row_reference<Acc>(t);
-    for (int64_t j = 0; j < C; ++j) b.z[j] += c * (static_cast<Acc>(to_float(t[j])) - ref);
-  }
-  const Tt* __restrict__ t = row_of(active[count - 1]);
-  const Acc c = coeff(active[count - 1]), ref = row_reference<Acc>(t);
-  Lanes<Acc> m(-std::numeric_limits<Acc>::infinity());
-  for_lanes(C, [&](int64_t j, int64_t k) {
-    const Acc v = b.z[j] + c * (static_cast<Acc>(to_float(t[j])) - ref);
-    b.z[j] = v;
-    m.v[k] = v > m.v[k] ? v : m.v[k];
-  });
-  return lane_max(m.v);
+  return m_z;
 }
 
 // Arithmetic ensemble: z_j = log sum_m w_m softmax(t_m / T)_j. Returns max_j z_j.
@@ -189,7 +238,7 @@ template <typename Tt, typename Acc>
     const Acc w = static_cast<Acc>(a.teacher_weights[m]);
     if (w == Acc(0)) continue;
     const Tt* t = static_cast<const Tt*>(a.teachers[m]) + row * a.teacher_row_strides[m];
-    const Acc mt = load_scaled_max(t, b.t, C, Acc(0), Acc(1));  // raw: x - max is exact
+    const Acc mt = scaled_into<false>(t, b.t, C, Acc(0), Acc(1));  // raw: x - max is exact
     Lanes<Acc> l(0);
     for_lanes(C, [&](int64_t j, int64_t k) {
       b.t[j] = fast_exp((b.t[j] - mt) * inv_t);
@@ -215,9 +264,9 @@ void fill_row(Out* dst, int64_t n, Acc v) {
 
 // The running sum of exp_pass for the divergences without a one-pass form: none.
 struct NoOnePassSum {
-  template <typename Acc>
-  static Acc fast_element(Acc, Acc, Acc) {
-    return Acc(0);
+  template <typename V>
+  static V fast_element(V, V, V) {
+    return V{};
   }
 };
 
@@ -226,86 +275,131 @@ struct RowSums {
   Acc l_z = 1, l_u = 1, l_s = 1, sum_ex = 0;
 };
 
-// Pass 2 over the buffered row: the exponentials and their sums. kSoft/kHard select the terms,
-// kKeep stores the exponentials for the gradient pass, and kPow > 0 says T == kPow (1, 2, 4 or
-// 8): then exp(ds) = exp(ds / T)^T takes log2(kPow) squarings instead of a third exponential
-// (relative error kPow times that of one exp). Each combination is its own branch-free loop.
-// Kept out of line (as is the accurate pass): each instance's loop is vectorised on its own; inlined
-// into the row function, GCC left some instances scalar (10x slower).
-template <bool kSoft, bool kHard, bool kKeep, typename Div, int kPow, typename Acc>
-[[gnu::noinline]] RowSums<Acc> exp_pass(const RowBuffers<Acc>& b, const NextRow& next, int64_t C, Acc m_z, Acc m_s,
-                      Acc inv_t) {
-  Acc* __restrict__ s = b.s;
-  Acc* __restrict__ z = b.z;
-  Acc* __restrict__ u = b.u;
-  Lanes<Acc> l_z(0), l_u(0), l_s(0), sum_ex(0);
-  for_lanes(C, [&](int64_t j, int64_t k) {
-    const Acc ds = s[j] - m_s;
-    Acc e_u = 0;
-    if constexpr (kSoft) {
-      const Acc dz = z[j] - m_z;
-      const Acc du = ds * inv_t;
-      const Acc e_z = fast_exp(dz);
-      e_u = fast_exp(du);
-      l_z.v[k] += e_z;
-      l_u.v[k] += e_u;
-      sum_ex.v[k] += Div::fast_element(e_z, dz, du);
-      if constexpr (kKeep) {
-        z[j] = e_z;
-        u[j] = e_u;
-      }
+
+// 2^r for r in [-1/2, 1/2]: the degree-6 polynomial of least maximum relative error (1.9e-9;
+// with float32 evaluation 8.0e-8 over every float in [-126, 0], against float64's exp2). Degree
+// 5 (2.1e-7) lost digits in gradients that cancel, such as q - p with C = 2.
+inline FloatLanes exp2_polynomial(FloatLanes r) {
+  FloatLanes p = r * 1.534581097e-04f + 1.339993090e-03f;
+  p = p * r + 9.618489072e-03f;
+  p = p * r + 5.550328642e-02f;
+  p = p * r + 2.402264625e-01f;
+  p = p * r + 6.931471825e-01f;
+  return p * r + 1.0f;
+}
+
+// 2^x in each lane, for x <= 0 or NaN (the kernel's x - max): exactly 0 at -inf, NaN at NaN.
+// x = n + r with n = round(x), 2^x = 2^n p(r).
+inline FloatLanes exp2_nonpositive(FloatLanes x) {
+#if defined(__AVX512F__)
+  // AVX-512 rounds and scales by 2^n in one instruction each (scalef makes denormals and
+  // zeros itself). x is clamped at -160, where 2^x rounds to 0, so that r stays finite;
+  // max(-160, x) returns x where x is NaN. (The maskz forms with every lane set: GCC 12 warns
+  // that the plain forms' undefined pass-through may be used uninitialised.)
+  constexpr __mmask16 kAll = 0xffff;
+  const __m512 clamped = _mm512_maskz_max_ps(kAll, _mm512_set1_ps(-160.0f), (__m512)x);
+  const __m512 n = _mm512_maskz_roundscale_ps(kAll, clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const FloatLanes p = exp2_polynomial((FloatLanes)clamped - (FloatLanes)n);
+  return (FloatLanes)_mm512_maskz_scalef_ps(kAll, (__m512)p, n);
+#else
+  // fast_exp's construction (kd_row_math.h): n from adding and removing 1.5 * 2^23, 2^n added
+  // to the exponent field, so results below 2^-125 are flushed to 0; x - x keeps a NaN.
+  const float shifter = 12582912.0f;
+  const FloatLanes kf = x + shifter;
+  const FloatLanes n = kf - shifter;
+  const FloatLanes y = (FloatLanes)((UintLanes)exp2_polynomial(x - n) + ((UintLanes)kf << 23));
+  return x < -125.0f ? FloatLanes{} : y + (x - x);
+#endif
+}
+
+inline double exp2_nonpositive(double x) { return std::exp2(x); }
+
+// exp(ds) = exp(ds / T)^T for T = kPow in {1, 2, 4, 8}: log2(kPow) squarings (relative error
+// kPow times that of one exp); the exponential and the gradient pass both take it this way.
+template <int kPow, typename V>
+inline V power_of_temperature(V e_u) {
+  if constexpr (kPow >= 2) e_u *= e_u;
+  if constexpr (kPow >= 4) e_u *= e_u;
+  if constexpr (kPow >= 8) e_u *= e_u;
+  return e_u;
+}
+
+// Pass 2 over the buffered row: the exponentials and their sums. kHard adds the hard term,
+// kKeep stores the exponentials for the gradient pass, and kPow > 0 says T == kPow: the hard
+// term's exp(ds) is then a power of exp(ds / T) instead of a third exponential, and is not
+// stored (the gradient pass squares again rather than reading a third buffer back). Each
+// combination is its own branch-free loop. The differences dz, du are in log2 units (the
+// one-pass sum too, scaled back by ln 2 once). Kept out of line (as is the accurate pass): each
+// instance's loop is compiled on its own.
+template <bool kHard, bool kKeep, typename Div, int kPow, typename Acc>
+[[gnu::noinline]] RowSums<Acc> exp_pass(const RowBuffers<Acc>& b, const NextRow& next, int64_t C,
+                                        Acc m_z, Acc m_s, Acc inv_t) {
+  using V = PassVector<Acc>;
+  constexpr int64_t kWidth = sizeof(V) / sizeof(Acc);
+  constexpr Acc kLog2e = Acc(1.4426950408889634), kLn2 = Acc(0.6931471805599453);
+  const Acc u_scale = inv_t * kLog2e, m_z2 = m_z * kLog2e;
+  V l_z{}, l_u{}, l_s{}, sum_ex{};
+  for (int64_t j = 0; j < C; j += kWidth) {
+    if (j % kLanes == 0) next(j);
+    const V ds = load_vector<V>(b.s + j) - m_s;
+    const V dz = load_vector<V>(b.z + j) * kLog2e - m_z2;
+    const V du = ds * u_scale;
+    const V e_z = exp2_nonpositive(dz);
+    const V e_u = exp2_nonpositive(du);
+    l_z += e_z;
+    l_u += e_u;
+    sum_ex += Div::fast_element(e_z, dz, du);
+    if constexpr (kKeep) {
+      store_vector(b.z + j, e_z);
+      store_vector(b.u + j, e_u);
     }
-    if constexpr (kHard) {
-      Acc e_s;
-      if constexpr (kSoft && kPow > 0) {
-        e_s = e_u;
-        if constexpr (kPow >= 2) e_s *= e_s;
-        if constexpr (kPow >= 4) e_s *= e_s;
-        if constexpr (kPow >= 8) e_s *= e_s;
-        e_s = ds < Acc(kExpFlushBelow) ? Acc(0) : e_s;  // flush where fast_exp would
-      } else {
-        e_s = fast_exp(ds);
-      }
-      l_s.v[k] += e_s;
-      if constexpr (kKeep) s[j] = e_s;
+    if constexpr (kHard && kPow > 0) {
+      l_s += power_of_temperature<kPow>(e_u);
+    } else if constexpr (kHard) {
+      const V e_s = exp2_nonpositive(ds * kLog2e);
+      l_s += e_s;
+      if constexpr (kKeep) store_vector(b.s + j, e_s);
     }
-  }, next);
+  }
   RowSums<Acc> r;
-  if (kSoft) r.l_z = lane_sum(l_z.v), r.l_u = lane_sum(l_u.v), r.sum_ex = lane_sum(sum_ex.v);
-  if (kHard) r.l_s = lane_sum(l_s.v);
+  r.l_z = lane_sum(l_z), r.l_u = lane_sum(l_u), r.sum_ex = lane_sum(sum_ex) * kLn2;
+  if (kHard) r.l_s = lane_sum(l_s);
   return r;
 }
 
-// Integer powers of two up to 8 as T take the squaring path (float accumulation only).
+// The T of a row with both terms as kPow for the squaring path: 1, 2, 4 or 8 (float
+// accumulation only), else 0.
 template <typename Acc>
-int temperature_power(double t) {
-  if (!std::is_same_v<Acc, float>) return 0;
+int temperature_power(const KDArgs& a, bool hard) {
+  const double t = a.temperature;
+  if (!hard || !std::is_same_v<Acc, float>) return 0;
   return (t == 1.0 || t == 2.0 || t == 4.0 || t == 8.0) ? static_cast<int>(t) : 0;
 }
 
-template <bool kSoft, bool kHard, bool kKeep, typename Div, typename Acc>
-RowSums<Acc> exp_pass(int power, const RowBuffers<Acc>& b, const NextRow& next, int64_t C,
-                      Acc m_z, Acc m_s, Acc inv_t) {
+// f(std::integral_constant<int, power>{}) for power in {0, 1, 2, 4, 8}.
+template <typename F>
+auto with_power(int power, F&& f) {
   switch (power) {
-    case 1: return exp_pass<kSoft, kHard, kKeep, Div, 1>(b, next, C, m_z, m_s, inv_t);
-    case 2: return exp_pass<kSoft, kHard, kKeep, Div, 2>(b, next, C, m_z, m_s, inv_t);
-    case 4: return exp_pass<kSoft, kHard, kKeep, Div, 4>(b, next, C, m_z, m_s, inv_t);
-    case 8: return exp_pass<kSoft, kHard, kKeep, Div, 8>(b, next, C, m_z, m_s, inv_t);
-    default: return exp_pass<kSoft, kHard, kKeep, Div, 0>(b, next, C, m_z, m_s, inv_t);
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 0>{});
   }
 }
 
-template <bool kSoft, bool kHard, typename Acc>
-RowSums<Acc> exp_pass(const KDArgs& a, bool keep, const RowBuffers<Acc>& b, const NextRow& next,
-                      Acc m_z, Acc m_s, Acc inv_t) {
+template <bool kHard, typename Acc>
+RowSums<Acc> exp_pass(const KDArgs& a, bool keep, int power, const RowBuffers<Acc>& b,
+                      const NextRow& next, Acc m_z, Acc m_s, Acc inv_t) {
   const int64_t C = padded_classes(a.num_classes);  // the rows' -inf padding adds nothing
-  // Only a row with both terms has an exp(ds / T) to square.
-  const int power = kSoft && kHard ? temperature_power<Acc>(a.temperature) : 0;
   return visit_divergence(divergence_of(a), [&](auto divergence) {
     using Div = std::conditional_t<decltype(divergence)::row_sum_gradient, NoOnePassSum,
                                    decltype(divergence)>;
-    return keep ? exp_pass<kSoft, kHard, true, Div>(power, b, next, C, m_z, m_s, inv_t)
-                : exp_pass<kSoft, kHard, false, Div>(power, b, next, C, m_z, m_s, inv_t);
+    return with_power(power, [&](auto t_power) {
+      constexpr int kPow = decltype(t_power)::value;
+      return keep ? exp_pass<kHard, true, Div, kPow>(b, next, C, m_z, m_s, inv_t)
+                  : exp_pass<kHard, false, Div, kPow>(b, next, C, m_z, m_s, inv_t);
+    });
   });
 }
 
@@ -314,6 +408,29 @@ RowSums<Acc> exp_pass(const KDArgs& a, bool keep, const RowBuffers<Acc>& b, cons
 inline bool stream_gradient(const KDArgs& a, int64_t elem_bytes) {
   constexpr int64_t kCacheBytes = int64_t(16) << 20;
   return a.num_classes * elem_bytes >= 256 && a.num_rows * a.num_classes * elem_bytes >= kCacheBytes;
+}
+
+// line[k] = g(j + k) - [j + k == hot] minus for the kLine values of one 64-byte line, each
+// rounded once to S.
+template <typename S, typename Acc, typename G>
+inline void round_line(S* __restrict__ line, int64_t j, int64_t hot, Acc minus, G& g) {
+  constexpr int64_t kLine = 64 / sizeof(S);
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<S, BFloat16> && std::is_same_v<Acc, float>) {
+    // One instruction rounds the 32 values to nearest even, as from_acc does (a NaN stays a
+    // quiet NaN), except that it reads float32 denormals (|g| < 1.2e-38) as 0.
+    alignas(64) float values[kLine];
+#pragma omp simd
+    for (int64_t k = 0; k < kLine; ++k) values[k] = g(j + k);
+    if (hot >= j && hot < j + kLine) values[hot - j] -= minus;
+    const __m512bh rounded = _mm512_cvtne2ps_pbh(_mm512_load_ps(values + 16), _mm512_load_ps(values));
+    _mm512_store_si512(line, (__m512i)rounded);
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t k = 0; k < kLine; ++k) line[k] = from_acc<S>(g(j + k));
+  if (hot >= j && hot < j + kLine) line[hot - j] = from_acc<S>(g(hot) - minus);
 }
 
 // Writes grad[j] = g(j) - [j == hot] minus for j in [0, C), each rounded once to S. With
@@ -332,9 +449,7 @@ void write_gradient_row(S* __restrict__ grad, int64_t C, bool stream, int64_t ho
     grad[j] = from_acc<S>(j == hot ? g(j) - minus : g(j));
   for (; stream && j + kLine <= C; j += kLine) {
     alignas(64) S line[kLine];
-#pragma omp simd
-    for (int64_t k = 0; k < kLine; ++k) line[k] = from_acc<S>(g(j + k));
-    if (hot >= j && hot < j + kLine) line[hot - j] = from_acc<S>(g(hot) - minus);
+    round_line(line, j, hot, minus, g);
     auto* dst = reinterpret_cast<char*>(grad + j);
     const auto* src = reinterpret_cast<const char*>(line);
 #if defined(__AVX512F__)
@@ -362,18 +477,29 @@ inline void fence_streaming_stores() {
 #endif
 }
 
+// The hard term's exp(ds) at class j for the gradient pass: what the exponential pass stored,
+// or for T = kPow the same power of exp(ds / T) again.
+template <int kPow, typename Acc>
+inline Acc hard_exp(const Acc* __restrict__ s, const Acc* __restrict__ u, int64_t j) {
+  if constexpr (kPow > 0) {
+    return power_of_temperature<kPow>(u[j]);
+  } else {
+    return s[j];
+  }
+}
+
 // Pass 3: g_j = q_scale e_u - p_scale e_z + r_scale e_s - [j == y] ch, stored in the student's
-// dtype (hot = y for a labelled row, else -1).
-template <bool kSoft, bool kHard, typename S, typename Acc>
+// dtype (hot = y for a labelled row, else -1). The lambdas of both gradient passes copy what
+// they use: captured by reference, GCC reloaded every value from the closure for each line.
+template <bool kHard, int kPow, typename S, typename Acc>
 void grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc p_scale, Acc r_scale,
                bool stream, int64_t hot, Acc ch, S* __restrict__ grad) {
   const Acc* __restrict__ s = b.s;
   const Acc* __restrict__ z = b.z;
   const Acc* __restrict__ u = b.u;
-  write_gradient_row(grad, C, stream, hot, ch, [&](int64_t j) __attribute__((always_inline)) {
-    Acc g = 0;
-    if constexpr (kSoft) g = q_scale * u[j] - p_scale * z[j];
-    if constexpr (kHard) g += r_scale * s[j];
+  write_gradient_row(grad, C, stream, hot, ch, [=](int64_t j) __attribute__((always_inline)) {
+    Acc g = q_scale * u[j] - p_scale * z[j];
+    if constexpr (kHard) g += r_scale * hard_exp<kPow>(s, u, j);
     return g;
   });
 }
@@ -381,16 +507,16 @@ void grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc p_scale, Ac
 // Pass 3 of a row_sum_gradient divergence: g_j = q_scale e_u (a_j - A) + r_scale e_s - [j == y]
 // ch, with a = Div::a_of(d) from the d that soft_terms left in the teacher buffer (storing d,
 // not a, keeps soft_terms' loop small enough for GCC to vectorise with JSD); q = 0 contributes 0
-// even where a is infinite.
-template <typename Div, typename S, typename Acc>
+// even where a is infinite. r_scale is 0 for a row without the hard term.
+template <typename Div, int kPow, typename S, typename Acc>
 void row_sum_grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc row_sum, Acc r_scale,
                        Acc beta, bool stream, int64_t hot, Acc ch, S* __restrict__ grad) {
   const Acc* __restrict__ s = b.s;
   const Acc* __restrict__ d = b.z;
   const Acc* __restrict__ u = b.u;
-  write_gradient_row(grad, C, stream, hot, ch, [&](int64_t j) __attribute__((always_inline)) {
+  write_gradient_row(grad, C, stream, hot, ch, [=](int64_t j) __attribute__((always_inline)) {
     Acc g = weighted_or_zero(q_scale * u[j], Div::a_of(d[j], beta) - row_sum);
-    if (r_scale != Acc(0)) g += r_scale * s[j];
+    if (r_scale != Acc(0)) g += r_scale * hard_exp<kPow>(s, u, j);
     return g;
   });
 }
@@ -554,7 +680,7 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
 
   const S* s = static_cast<const S*>(a.student) + i * a.student_row_stride;
   const Acc inv_t = Acc(1) / static_cast<Acc>(a.temperature);
-  const Acc m_s = load_scaled_max(s, b.s, C, Acc(0), Acc(1));
+  const Acc m_s = scaled_into<false>(s, b.s, C, Acc(0), Acc(1));
   pad_row(b.s, C);
   const Acc s_y = role.hard ? b.s[label] : Acc(0);
   const bool keep = grad != nullptr;
@@ -569,46 +695,39 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
     }
   }
 
-  RowSums<Acc> r;
-  Acc m_z = 0;
-  if (role.soft) {
-    m_z = combines_logits(a) ? combine_geometric<Tt>(a, i, inv_t, b)
-                             : combine_arithmetic<Tt>(a, i, inv_t, b);
-    pad_row(b.z, C);
-    r = role.hard ? exp_pass<true, true>(a, keep, b, next, m_z, m_s, inv_t)
-                  : exp_pass<true, false>(a, keep, b, next, m_z, m_s, inv_t);
-  } else {
-    r = exp_pass<false, true>(a, keep, b, next, Acc(0), m_s, inv_t);
-  }
+  // Every row from here takes the soft term (row_role: only ignored rows have none).
+  const Acc m_z = combines_logits(a) ? combine_geometric<Tt>(a, i, inv_t, b)
+                                     : combine_arithmetic<Tt>(a, i, inv_t, b);
+  pad_row(b.z, C);
+  const int power = temperature_power<Acc>(a, role.hard);
+  const RowSums<Acc> r = role.hard ? exp_pass<true>(a, keep, power, b, next, m_z, m_s, inv_t)
+                                   : exp_pass<false>(a, keep, power, b, next, m_z, m_s, inv_t);
 
-  Acc value = 0;
   SoftSums<Acc> sums;  // from soft_terms: the row's divergence and A
   const bool row_sum = visit_divergence(divergence_of(a), [](auto divergence) {
     return decltype(divergence)::row_sum_gradient;
   });
-  if (role.soft) {
-    const Acc soft = visit_divergence(divergence_of(a), [&](auto divergence) {
-      using Div = decltype(divergence);
-      using std::log;
-      if constexpr (Div::row_sum_gradient) {  // no one-pass form: always the sum of terms
-        sums = soft_terms<Div, S, Tt>(a, i, m_s, Acc(log(r.l_u)), m_z, Acc(log(r.l_z)), b.t,
-                                      keep ? b.z : nullptr);
-        return sums.term;
-      } else {
-        Acc v = Div::fast_close(r.sum_ex, r.l_z, r.l_u);
-        if constexpr (Div::may_cancel) {
-          if (fast_close_cancelled(v, r.sum_ex / r.l_z, log(r.l_z), log(r.l_u))) {
-            v = soft_terms<Div, S, Tt>(a, i, m_s, Acc(log(r.l_u)), m_z, Acc(log(r.l_z)), b.t,
-                                       static_cast<Acc*>(nullptr)).term;
-          } else if (v < Acc(0)) {
-            v = 0;  // float64 accumulation: rounding below 0
-          }
+  const Acc soft = visit_divergence(divergence_of(a), [&](auto divergence) {
+    using Div = decltype(divergence);
+    using std::log;
+    if constexpr (Div::row_sum_gradient) {  // no one-pass form: always the sum of terms
+      sums = soft_terms<Div, S, Tt>(a, i, m_s, Acc(log(r.l_u)), m_z, Acc(log(r.l_z)), b.t,
+                                    keep ? b.z : nullptr);
+      return sums.term;
+    } else {
+      Acc v = Div::fast_close(r.sum_ex, r.l_z, r.l_u);
+      if constexpr (Div::may_cancel) {
+        if (fast_close_cancelled(v, r.sum_ex / r.l_z, log(r.l_z), log(r.l_u))) {
+          v = soft_terms<Div, S, Tt>(a, i, m_s, Acc(log(r.l_u)), m_z, Acc(log(r.l_z)), b.t,
+                                     static_cast<Acc*>(nullptr)).term;
+        } else if (v < Acc(0)) {
+          v = 0;  // float64 accumulation: rounding below 0
         }
-        return v;
       }
-    });
-    value += static_cast<Acc>(scales.soft_loss) * soft;
-  }
+      return v;
+    }
+  });
+  Acc value = static_cast<Acc>(scales.soft_loss) * soft;
   if (role.hard) value += static_cast<Acc>(scales.hard_loss) * hard_term(m_s, r.l_s, s_y);
   *loss = static_cast<Loss>(value);
   if (!grad) return;
@@ -617,20 +736,21 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   const Acc q_scale = cs / r.l_u, p_scale = cs / r.l_z, r_scale = ch / r.l_s;
   const int64_t hot = role.hard ? label : -1;  // the one-hot of the hard term, subtracted once
   const bool stream = stream_gradient(a, sizeof(S));
-  if (role.soft && row_sum) {
-    visit_divergence(divergence_of(a), [&](auto divergence) {
-      using Div = decltype(divergence);
-      if constexpr (Div::row_sum_gradient)
-        row_sum_grad_pass<Div>(b, C, q_scale, sums.qa, role.hard ? r_scale : Acc(0),
-                               static_cast<Acc>(a.beta), stream, hot, ch, grad);
-    });
-  } else if (role.soft && role.hard) {
-    grad_pass<true, true>(b, C, q_scale, p_scale, r_scale, stream, hot, ch, grad);
-  } else if (role.soft) {
-    grad_pass<true, false>(b, C, q_scale, p_scale, r_scale, stream, hot, ch, grad);
-  } else {
-    grad_pass<false, true>(b, C, q_scale, p_scale, r_scale, stream, hot, ch, grad);
-  }
+  with_power(power, [&](auto t_power) {
+    constexpr int kPow = decltype(t_power)::value;
+    if (row_sum) {
+      visit_divergence(divergence_of(a), [&](auto divergence) {
+        using Div = decltype(divergence);
+        if constexpr (Div::row_sum_gradient)
+          row_sum_grad_pass<Div, kPow>(b, C, q_scale, sums.qa, role.hard ? r_scale : Acc(0),
+                                       static_cast<Acc>(a.beta), stream, hot, ch, grad);
+      });
+    } else if (role.hard) {
+      grad_pass<true, kPow>(b, C, q_scale, p_scale, r_scale, stream, hot, ch, grad);
+    } else {
+      grad_pass<false, kPow>(b, C, q_scale, p_scale, r_scale, stream, hot, ch, grad);
+    }
+  });
 }
 
 template <typename S, typename Tt, typename Acc>

@@ -73,7 +73,7 @@ KD_HOST_DEVICE TermScales term_scales(const KDArgs& a, int64_t soft_rows, int64_
 template <typename Acc>
 KD_HOST_DEVICE Acc weighted_or_zero(Acc e, Acc x) {
   const Acc product = e * x;  // computed unconditionally: the select stays branch-free
-  return e == Acc(0) ? Acc(0) : product;
+  return e == Acc{} ? Acc{} : product;  // Acc{}: 0, also for a vector of lanes
 }
 
 // -log r_y = m_s + log l_s - s_y.
@@ -93,9 +93,9 @@ KD_HOST_DEVICE To bit_cast(From from) {
 // Arguments below this give fast_exp 0: e^x < 2.8e-38, near the smallest normal float (2^-126).
 constexpr float kExpFlushBelow = -86.5f;
 
-// exp(x) for x <= 0 (or NaN), the only arguments the kernels take: x - max over a row. Written
-// so compilers vectorise it into few multiplications (the busiest units of the exponential
-// pass): x = n ln2 + r with n = round(x / ln2) by adding and removing 1.5 * 2^23 (exact under
+// exp(x) for x <= 0 (or NaN), the only arguments the kernels take: x - max over a row (the CPU
+// kernel's accurate and ensemble passes; its exponential pass works in base 2 on whole vectors,
+// kd_cpu_kernel.cpp). Written so compilers vectorise it into few multiplications: x = n ln2 + r with n = round(x / ln2) by adding and removing 1.5 * 2^23 (exact under
 // the default rounding mode) and |r| <= ln2 / 2 by a Cody-Waite split of ln2 (both products
 // exact, so r keeps its digits at every |x|), e^r by its degree-6 Taylor polynomial (relative
 // error < 2.5e-7 in float32), and 2^n e^r by adding n to the exponent field of e^r, with no

@@ -30,7 +30,7 @@ print(_C.build_info()["cpu_isa"], worst)
 """
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512", "avx512_bf16"])
 def test_cpu_isa_variant_matches_reference(isa, tmp_path):
     if isa not in _C.build_info()["cpu_isas_built"].split(","):
         pytest.skip(f"the {isa} variant is not built for this architecture")
