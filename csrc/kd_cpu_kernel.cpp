@@ -56,16 +56,33 @@ struct RowBuffers {
 };
 
 // Pass 2 computes from cache and leaves memory idle; it prefetches the thread's next row of
-// every input into L2 meanwhile, so that pass 1 of that row no longer waits on DRAM.
+// every input into L2 meanwhile, so that pass 1 of that row no longer waits on DRAM. Position j
+// of a pass prefetches element first + (j >> shift) of each of the next row's inputs.
 struct NextRow {
   const char* rows[kMaxTeachers + 1];
   int64_t elem_bytes[kMaxTeachers + 1];
   int count = 0;
+  int64_t first = 0;
+  int shift = 0;
 
   void operator()(int64_t j) const {
-    for (int r = 0; r < count; ++r) __builtin_prefetch(rows[r] + j * elem_bytes[r], 0, 2);
+    const int64_t e = first + (j >> shift);
+    for (int r = 0; r < count; ++r) __builtin_prefetch(rows[r] + e * elem_bytes[r], 0, 2);
+  }
+
+  int64_t bytes_per_class() const {
+    int64_t total = 0;
+    for (int r = 0; r < count; ++r) total += elem_bytes[r];
+    return total;
   }
 };
+
+// A next row of this many bytes per class or more is more than the exponential pass can
+// prefetch while it runs (float32 with four teachers: 20): that pass prefetches its first half
+// and the gradient pass the second. N=2048 C=32000 forward+backward, float32 M=4: 62-65 ms ->
+// 54-61; with fewer bytes the split was slower (bfloat16 M=1 23 -> 28 ms, float32 M=1 29 -> 35,
+// bfloat16 M=4 36 -> 39).
+constexpr int64_t kSplitPrefetchBytes = 16;
 
 // Row loops run in blocks of kLanes elements with one accumulator per lane: the inner loop is a
 // plain vector loop (no reduction across lanes), so it vectorises at any width without letting
@@ -441,13 +458,14 @@ inline void round_line(S* __restrict__ line, int64_t j, int64_t hot, Acc minus, 
 // before the kernel returns.
 template <typename S, typename Acc, typename G>
 void write_gradient_row(S* __restrict__ grad, int64_t C, bool stream, int64_t hot, Acc minus,
-                        G&& g) {
+                        const NextRow& next, G&& g) {
+  constexpr int64_t kLine = 64 / sizeof(S);
   int64_t j = 0;
 #if defined(__SSE2__)
-  constexpr int64_t kLine = 64 / sizeof(S);
   for (; stream && j < C && reinterpret_cast<uintptr_t>(grad + j) % 64 != 0; ++j)
     grad[j] = from_acc<S>(j == hot ? g(j) - minus : g(j));
   for (; stream && j + kLine <= C; j += kLine) {
+    next(j);
     alignas(64) S line[kLine];
     round_line(line, j, hot, minus, g);
     auto* dst = reinterpret_cast<char*>(grad + j);
@@ -465,9 +483,15 @@ void write_gradient_row(S* __restrict__ grad, int64_t C, bool stream, int64_t ho
 #endif
   }
 #endif
+  const int64_t rest = j;
+  for (; j + kLine <= C; j += kLine) {
+    next(j);
+#pragma omp simd
+    for (int64_t k = j; k < j + kLine; ++k) grad[k] = from_acc<S>(g(k));
+  }
 #pragma omp simd
   for (int64_t k = j; k < C; ++k) grad[k] = from_acc<S>(g(k));
-  if (hot >= j) grad[hot] = from_acc<S>(g(hot) - minus);
+  if (hot >= rest) grad[hot] = from_acc<S>(g(hot) - minus);
 }
 
 // Streaming stores are weakly ordered: each thread fences once, after its last row.
@@ -493,11 +517,11 @@ inline Acc hard_exp(const Acc* __restrict__ s, const Acc* __restrict__ u, int64_
 // they use: captured by reference, GCC reloaded every value from the closure for each line.
 template <bool kHard, int kPow, typename S, typename Acc>
 void grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc p_scale, Acc r_scale,
-               bool stream, int64_t hot, Acc ch, S* __restrict__ grad) {
+               bool stream, int64_t hot, Acc ch, const NextRow& next, S* __restrict__ grad) {
   const Acc* __restrict__ s = b.s;
   const Acc* __restrict__ z = b.z;
   const Acc* __restrict__ u = b.u;
-  write_gradient_row(grad, C, stream, hot, ch, [=](int64_t j) __attribute__((always_inline)) {
+  write_gradient_row(grad, C, stream, hot, ch, next, [=](int64_t j) __attribute__((always_inline)) {
     Acc g = q_scale * u[j] - p_scale * z[j];
     if constexpr (kHard) g += r_scale * hard_exp<kPow>(s, u, j);
     return g;
@@ -510,11 +534,12 @@ void grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc p_scale, Ac
 // even where a is infinite. r_scale is 0 for a row without the hard term.
 template <typename Div, int kPow, typename S, typename Acc>
 void row_sum_grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc row_sum, Acc r_scale,
-                       Acc beta, bool stream, int64_t hot, Acc ch, S* __restrict__ grad) {
+                       Acc beta, bool stream, int64_t hot, Acc ch, const NextRow& next,
+                       S* __restrict__ grad) {
   const Acc* __restrict__ s = b.s;
   const Acc* __restrict__ d = b.z;
   const Acc* __restrict__ u = b.u;
-  write_gradient_row(grad, C, stream, hot, ch, [=](int64_t j) __attribute__((always_inline)) {
+  write_gradient_row(grad, C, stream, hot, ch, next, [=](int64_t j) __attribute__((always_inline)) {
     Acc g = weighted_or_zero(q_scale * u[j], Div::a_of(d[j], beta) - row_sum);
     if (r_scale != Acc(0)) g += r_scale * hard_exp<kPow>(s, u, j);
     return g;
@@ -694,6 +719,8 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
       next.elem_bytes[next.count++] = sizeof(Tt);
     }
   }
+  const bool split_prefetch = keep && next.bytes_per_class() >= kSplitPrefetchBytes;
+  next.shift = split_prefetch ? 1 : 0;
 
   // Every row from here takes the soft term (row_role: only ignored rows have none).
   const Acc m_z = combines_logits(a) ? combine_geometric<Tt>(a, i, inv_t, b)
@@ -736,6 +763,9 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   const Acc q_scale = cs / r.l_u, p_scale = cs / r.l_z, r_scale = ch / r.l_s;
   const int64_t hot = role.hard ? label : -1;  // the one-hot of the hard term, subtracted once
   const bool stream = stream_gradient(a, sizeof(S));
+  // The gradient pass prefetches the second half of a split next row, else nothing.
+  next.first = C / 2;
+  if (!split_prefetch) next.count = 0;
   with_power(power, [&](auto t_power) {
     constexpr int kPow = decltype(t_power)::value;
     if (row_sum) {
@@ -743,12 +773,12 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
         using Div = decltype(divergence);
         if constexpr (Div::row_sum_gradient)
           row_sum_grad_pass<Div, kPow>(b, C, q_scale, sums.qa, role.hard ? r_scale : Acc(0),
-                                       static_cast<Acc>(a.beta), stream, hot, ch, grad);
+                                       static_cast<Acc>(a.beta), stream, hot, ch, next, grad);
       });
     } else if (role.hard) {
-      grad_pass<true, kPow>(b, C, q_scale, p_scale, r_scale, stream, hot, ch, grad);
+      grad_pass<true, kPow>(b, C, q_scale, p_scale, r_scale, stream, hot, ch, next, grad);
     } else {
-      grad_pass<false, kPow>(b, C, q_scale, p_scale, r_scale, stream, hot, ch, grad);
+      grad_pass<false, kPow>(b, C, q_scale, p_scale, r_scale, stream, hot, ch, next, grad);
     }
   });
 }
