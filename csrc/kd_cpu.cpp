@@ -23,7 +23,9 @@ Isa best_supported() {
   const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                   __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
                   __builtin_cpu_supports("avx512vl");
+#if defined(KD_CPU_AVX512_BF16)
   if (v4 && __builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Bf16;
+#endif
   if (v4) return Isa::kAvx512;
   if (v3) return Isa::kAvx2;
 #endif
@@ -49,7 +51,11 @@ const char* cpu_isa() { return kIsaNames[static_cast<int>(chosen())]; }
 void kd_forward_cpu(const KDArgs& a) {
 #if defined(KD_CPU_X86_VARIANTS)
   switch (chosen()) {
+#if defined(KD_CPU_AVX512_BF16)
     case Isa::kAvx512Bf16: return avx512_bf16::forward(a);
+#else
+    case Isa::kAvx512Bf16:  // never chosen: best_supported() knows it is not built
+#endif
     case Isa::kAvx512: return avx512::forward(a);
     case Isa::kAvx2: return avx2::forward(a);
     case Isa::kBaseline: break;

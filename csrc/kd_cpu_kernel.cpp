@@ -2,9 +2,9 @@
 // asked, the student's gradient. A row is read from memory once: pass 1 converts it into a
 // per-thread float buffer (student s, combined teacher z) and takes the maxima; pass 2 computes
 // the exponentials per element (teacher, student at T, and student at 1 unless it is a power of
-// the one at T) and the sums; pass 3 writes the gradient from the buffered exponentials. The
-// buffers are C floats each and stay in cache, so the only [N, C] memory touched is the inputs
-// and the gradient.
+// the one at T) and the sums; pass 3 writes the gradient from the buffered exponentials (and
+// that power). The buffers are C floats each and stay in cache, so the only [N, C] memory
+// touched is the inputs and the gradient.
 //
 // This file is compiled once per instruction set (baseline, AVX2, AVX-512, AVX-512 with BF16 on
 // x86-64), each into its own namespace kd::<isa>; kd_cpu.cpp picks one at run time.
@@ -49,7 +49,7 @@ namespace {
 // otherwise run entirely in the scalar tail.
 template <typename Acc>
 struct RowBuffers {
-  Acc* s;  // student logits, then exp(s - m_s)
+  Acc* s;  // student logits, then exp(s - m_s) (unless it is a power of exp(s / T - m_u))
   Acc* z;  // combined teacher logits (or log p), then exp(z - m_z)
   Acc* u;  // exp(s / T - m_u)
   Acc* t;  // scratch for one teacher of an arithmetic ensemble
@@ -81,7 +81,7 @@ struct NextRow {
 // prefetch while it runs (float32 with four teachers: 20): that pass prefetches its first half
 // and the gradient pass the second. N=2048 C=32000 forward+backward, float32 M=4: 62-65 ms ->
 // 54-61; with fewer bytes the split was slower (bfloat16 M=1 23 -> 28 ms, float32 M=1 29 -> 35,
-// bfloat16 M=4 36 -> 39).
+// bfloat16 M=4 36 -> 39). Nothing between 10 and 20 bytes a class was measured.
 constexpr int64_t kSplitPrefetchBytes = 16;
 
 // Row loops run in blocks of kLanes elements with one accumulator per lane: the inner loop is a
@@ -128,16 +128,19 @@ void store_vector(Acc* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-inline float lane_sum(FloatLanes v) {
-  float total = 0;
-  for (int64_t k = 0; k < kLanes; ++k) total += v[k];
+// The sum and the max over kLanes lanes: of a FloatLanes or an array of kLanes accumulators.
+template <typename L>
+auto lane_sum(const L& lanes) {
+  std::remove_cv_t<std::remove_reference_t<decltype(lanes[0])>> total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) total += lanes[k];
   return total;
 }
-inline double lane_sum(double v) { return v; }
+inline double lane_sum(double v) { return v; }  // pass 2's one double
 
-inline float lane_max(FloatLanes v) {
-  float m = v[0];
-  for (int64_t k = 1; k < kLanes; ++k) m = v[k] > m ? v[k] : m;
+template <typename L>
+auto lane_max(const L& lanes) {
+  auto m = lanes[0];
+  for (int64_t k = 1; k < kLanes; ++k) m = lanes[k] > m ? lanes[k] : m;
   return m;
 }
 
@@ -164,20 +167,6 @@ inline int64_t padded_classes(int64_t C) { return (C + kLanes - 1) / kLanes * kL
 template <typename Acc>
 void pad_row(Acc* row, int64_t C) {
   std::fill(row + C, row + padded_classes(C), -std::numeric_limits<Acc>::infinity());
-}
-
-template <typename Acc>
-Acc lane_sum(const Acc (&lanes)[kLanes]) {
-  Acc total = 0;
-  for (Acc v : lanes) total += v;
-  return total;
-}
-
-template <typename Acc>
-Acc lane_max(const Acc (&lanes)[kLanes]) {
-  Acc m = lanes[0];
-  for (Acc v : lanes) m = v > m ? v : m;
-  return m;
 }
 
 template <typename Acc>
@@ -292,7 +281,6 @@ struct RowSums {
   Acc l_z = 1, l_u = 1, l_s = 1, sum_ex = 0;
 };
 
-
 // 2^r for r in [-1/2, 1/2]: the degree-6 polynomial of least maximum relative error (1.9e-9;
 // with float32 evaluation 8.0e-8 over every float in [-126, 0], against float64's exp2). Degree
 // 5 (2.1e-7) lost digits in gradients that cancel, such as q - p with C = 2.
@@ -305,22 +293,23 @@ inline FloatLanes exp2_polynomial(FloatLanes r) {
   return p * r + 1.0f;
 }
 
-// 2^x in each lane, for x <= 0 or NaN (the kernel's x - max): exactly 0 at -inf, NaN at NaN.
-// x = n + r with n = round(x), 2^x = 2^n p(r).
+// 2^x in each lane, for x <= 0 or NaN (the kernel's x - max): 0 below -125 (exactly 0 at
+// -inf), NaN at NaN. x = n + r with n = round(x), 2^x = 2^n p(r).
 inline FloatLanes exp2_nonpositive(FloatLanes x) {
 #if defined(__AVX512F__)
-  // AVX-512 rounds and scales by 2^n in one instruction each (scalef makes denormals and
-  // zeros itself). x is clamped at -160, where 2^x rounds to 0, so that r stays finite;
-  // max(-160, x) returns x where x is NaN. (The maskz forms with every lane set: GCC 12 warns
-  // that the plain forms' undefined pass-through may be used uninitialised.)
-  constexpr __mmask16 kAll = 0xffff;
-  const __m512 clamped = _mm512_maskz_max_ps(kAll, _mm512_set1_ps(-160.0f), (__m512)x);
-  const __m512 n = _mm512_maskz_roundscale_ps(kAll, clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const FloatLanes p = exp2_polynomial((FloatLanes)clamped - (FloatLanes)n);
-  return (FloatLanes)_mm512_maskz_scalef_ps(kAll, (__m512)p, n);
+  // AVX-512 rounds and scales by 2^n in one instruction each. Results below 2^-125 are 0, as
+  // in the branch below and fast_exp (no denormals); the mask keeps x >= -125 and NaN, so -inf
+  // (where x - n is NaN) gives 0 and a NaN x stays NaN. (The maskz form of roundscale with
+  // every lane set: GCC 12 warns that the plain form's undefined pass-through may be used
+  // uninitialised.)
+  const __mmask16 kept = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 n = _mm512_maskz_roundscale_ps(0xffff, (__m512)x, kNearest);
+  const FloatLanes p = exp2_polynomial(x - (FloatLanes)n);
+  return (FloatLanes)_mm512_maskz_scalef_ps(kept, (__m512)p, n);
 #else
   // fast_exp's construction (kd_row_math.h): n from adding and removing 1.5 * 2^23, 2^n added
-  // to the exponent field, so results below 2^-125 are flushed to 0; x - x keeps a NaN.
+  // to the exponent field, which needs results of 2^-125 or more (below: 0); x - x keeps a NaN.
   const float shifter = 12582912.0f;
   const FloatLanes kf = x + shifter;
   const FloatLanes n = kf - shifter;
@@ -354,12 +343,12 @@ template <bool kHard, bool kKeep, typename Div, int kPow, typename Acc>
   using V = PassVector<Acc>;
   constexpr int64_t kWidth = sizeof(V) / sizeof(Acc);
   constexpr Acc kLog2e = Acc(1.4426950408889634), kLn2 = Acc(0.6931471805599453);
-  const Acc u_scale = inv_t * kLog2e, m_z2 = m_z * kLog2e;
+  const Acc u_scale = inv_t * kLog2e;
   V l_z{}, l_u{}, l_s{}, sum_ex{};
   for (int64_t j = 0; j < C; j += kWidth) {
     if (j % kLanes == 0) next(j);
     const V ds = load_vector<V>(b.s + j) - m_s;
-    const V dz = load_vector<V>(b.z + j) * kLog2e - m_z2;
+    const V dz = (load_vector<V>(b.z + j) - m_z) * kLog2e;  // rounds |z - m_z|, not |z|
     const V du = ds * u_scale;
     const V e_z = exp2_nonpositive(dz);
     const V e_u = exp2_nonpositive(du);
@@ -380,7 +369,7 @@ template <bool kHard, bool kKeep, typename Div, int kPow, typename Acc>
   }
   RowSums<Acc> r;
   r.l_z = lane_sum(l_z), r.l_u = lane_sum(l_u), r.sum_ex = lane_sum(sum_ex) * kLn2;
-  if (kHard) r.l_s = lane_sum(l_s);
+  if constexpr (kHard) r.l_s = lane_sum(l_s);
   return r;
 }
 
@@ -393,9 +382,11 @@ int temperature_power(const KDArgs& a, bool hard) {
   return (t == 1.0 || t == 2.0 || t == 4.0 || t == 8.0) ? static_cast<int>(t) : 0;
 }
 
-// f(std::integral_constant<int, power>{}) for power in {0, 1, 2, 4, 8}.
-template <typename F>
+// f(std::integral_constant<int, power>{}) for power in {0, 1, 2, 4, 8}; only 0 is compiled
+// where there is no power (kMayPower false: no hard term, or float64).
+template <bool kMayPower, typename F>
 auto with_power(int power, F&& f) {
+  if constexpr (!kMayPower) return f(std::integral_constant<int, 0>{});
   switch (power) {
     case 1: return f(std::integral_constant<int, 1>{});
     case 2: return f(std::integral_constant<int, 2>{});
@@ -412,7 +403,7 @@ RowSums<Acc> exp_pass(const KDArgs& a, bool keep, int power, const RowBuffers<Ac
   return visit_divergence(divergence_of(a), [&](auto divergence) {
     using Div = std::conditional_t<decltype(divergence)::row_sum_gradient, NoOnePassSum,
                                    decltype(divergence)>;
-    return with_power(power, [&](auto t_power) {
+    return with_power<kHard && std::is_same_v<Acc, float>>(power, [&](auto t_power) {
       constexpr int kPow = decltype(t_power)::value;
       return keep ? exp_pass<kHard, true, Div, kPow>(b, next, C, m_z, m_s, inv_t)
                   : exp_pass<kHard, false, Div, kPow>(b, next, C, m_z, m_s, inv_t);
@@ -440,7 +431,8 @@ inline void round_line(S* __restrict__ line, int64_t j, int64_t hot, Acc minus, 
 #pragma omp simd
     for (int64_t k = 0; k < kLine; ++k) values[k] = g(j + k);
     if (hot >= j && hot < j + kLine) values[hot - j] -= minus;
-    const __m512bh rounded = _mm512_cvtne2ps_pbh(_mm512_load_ps(values + 16), _mm512_load_ps(values));
+    const __m512bh rounded =
+        _mm512_cvtne2ps_pbh(_mm512_load_ps(values + 16), _mm512_load_ps(values));
     _mm512_store_si512(line, (__m512i)rounded);
     return;
   }
@@ -521,11 +513,12 @@ void grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc p_scale, Ac
   const Acc* __restrict__ s = b.s;
   const Acc* __restrict__ z = b.z;
   const Acc* __restrict__ u = b.u;
-  write_gradient_row(grad, C, stream, hot, ch, next, [=](int64_t j) __attribute__((always_inline)) {
-    Acc g = q_scale * u[j] - p_scale * z[j];
-    if constexpr (kHard) g += r_scale * hard_exp<kPow>(s, u, j);
-    return g;
-  });
+  auto g = [=](int64_t j) __attribute__((always_inline)) {
+    Acc g_j = q_scale * u[j] - p_scale * z[j];
+    if constexpr (kHard) g_j += r_scale * hard_exp<kPow>(s, u, j);
+    return g_j;
+  };
+  write_gradient_row(grad, C, stream, hot, ch, next, g);
 }
 
 // Pass 3 of a row_sum_gradient divergence: g_j = q_scale e_u (a_j - A) + r_scale e_s - [j == y]
@@ -539,11 +532,12 @@ void row_sum_grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc row
   const Acc* __restrict__ s = b.s;
   const Acc* __restrict__ d = b.z;
   const Acc* __restrict__ u = b.u;
-  write_gradient_row(grad, C, stream, hot, ch, next, [=](int64_t j) __attribute__((always_inline)) {
-    Acc g = weighted_or_zero(q_scale * u[j], Div::a_of(d[j], beta) - row_sum);
-    if (r_scale != Acc(0)) g += r_scale * hard_exp<kPow>(s, u, j);
-    return g;
-  });
+  auto g = [=](int64_t j) __attribute__((always_inline)) {
+    Acc g_j = weighted_or_zero(q_scale * u[j], Div::a_of(d[j], beta) - row_sum);
+    if (r_scale != Acc(0)) g_j += r_scale * hard_exp<kPow>(s, u, j);
+    return g_j;
+  };
+  write_gradient_row(grad, C, stream, hot, ch, next, g);
 }
 
 template <typename Acc>
@@ -766,7 +760,7 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   // The gradient pass prefetches the second half of a split next row, else nothing.
   next.first = C / 2;
   if (!split_prefetch) next.count = 0;
-  with_power(power, [&](auto t_power) {
+  with_power<std::is_same_v<Acc, float>>(power, [&](auto t_power) {
     constexpr int kPow = decltype(t_power)::value;
     if (row_sum) {
       visit_divergence(divergence_of(a), [&](auto divergence) {
@@ -778,7 +772,7 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
     } else if (role.hard) {
       grad_pass<true, kPow>(b, C, q_scale, p_scale, r_scale, stream, hot, ch, next, grad);
     } else {
-      grad_pass<false, kPow>(b, C, q_scale, p_scale, r_scale, stream, hot, ch, next, grad);
+      grad_pass<false, 0>(b, C, q_scale, p_scale, r_scale, stream, hot, ch, next, grad);
     }
   });
 }

@@ -93,9 +93,10 @@ KD_HOST_DEVICE To bit_cast(From from) {
 // Arguments below this give fast_exp 0: e^x < 2.8e-38, near the smallest normal float (2^-126).
 constexpr float kExpFlushBelow = -86.5f;
 
-// exp(x) for x <= 0 (or NaN), the only arguments the kernels take: x - max over a row (the CPU
-// kernel's accurate and ensemble passes; its exponential pass works in base 2 on whole vectors,
-// kd_cpu_kernel.cpp). Written so compilers vectorise it into few multiplications: x = n ln2 + r with n = round(x / ln2) by adding and removing 1.5 * 2^23 (exact under
+// exp(x) for x <= 0 (or NaN), the only arguments the kernels take: x - max over a row (the
+// CPU kernel's accurate and ensemble passes; its exponential pass works in base 2 on whole
+// vectors, kd_cpu_kernel.cpp). Written so compilers vectorise it into few multiplications:
+// x = n ln2 + r with n = round(x / ln2) by adding and removing 1.5 * 2^23 (exact under
 // the default rounding mode) and |r| <= ln2 / 2 by a Cody-Waite split of ln2 (both products
 // exact, so r keeps its digits at every |x|), e^r by its degree-6 Taylor polynomial (relative
 // error < 2.5e-7 in float32), and 2^n e^r by adding n to the exponent field of e^r, with no
@@ -211,6 +212,8 @@ KD_HOST_DEVICE Acc kl_term(Acc p, Acc log_p, Acc d, Acc q) {
 //   fast_element(e, dz, du) and fast_close(A, l_z, l_u) (KL, CE only): the one-pass form of
 //     the CPU kernel, a running sum A of exponentials and the soft term from it; may_cancel:
 //     whether fast_close can lose its digits (then the CPU kernel sums `term` instead).
+//     fast_element must be linear in (dz, du): the CPU kernel passes them in log2 units, on
+//     vectors of 16 floats, and scales the sum A back by ln 2 once.
 // A new divergence is one more struct here, one more case in visit_divergence, its code in
 // kd_args.h, and the same pieces in the Triton kernel (_soft_element) and the reference.
 template <typename Acc>
