@@ -79,8 +79,8 @@ struct NextRow {
 
 // A next row of this many bytes per class or more is more than the exponential pass can
 // prefetch while it runs (float32 with four teachers: 20): that pass prefetches its first half
-// and the gradient pass the second. N=2048 C=32000 forward+backward, float32 M=4: 62-65 ms ->
-// 54-61; with fewer bytes the split was slower (bfloat16 M=1 23 -> 28 ms, float32 M=1 29 -> 35,
+// and the gradient pass the second. N=2048 C=32000 forward+backward, float32 M=4: 62-68 ms ->
+// 46-61 over two sets of runs; with fewer bytes the split was slower (bfloat16 M=1 23 -> 28 ms, float32 M=1 29 -> 35,
 // bfloat16 M=4 36 -> 39). Nothing between 10 and 20 bytes a class was measured.
 constexpr int64_t kSplitPrefetchBytes = 16;
 
