@@ -15,7 +15,6 @@ from torch import Tensor
 from ._autograd import register_fused_op, run_fused
 from ._extension import load_extension
 from ._fused import (
-    OpOptions,
     checked_op_impl,
     kernel_arguments,
     kernel_dtypes,
@@ -71,9 +70,8 @@ def _fused_kd_emulated_kernel(
         raise RuntimeError(why or missing())
     if student.device.type != "cpu":
         raise ValueError(f"the CUDA emulator runs on CPU tensors, not {student.device}")
-    o = OpOptions(*options)
     arguments, row_loss, grad = kernel_arguments(
-        ext, student, teachers, labels, num_items, weights, o
+        ext, student, teachers, labels, num_items, weights, options
     )
     args = _emulator.make_args(*arguments)
     if _plans is not None:

@@ -142,9 +142,11 @@ MAKE_ARGS_NAMES = (
 
 
 @functools.lru_cache(maxsize=256)
-def _option_arguments(ext, o: OpOptions, weights: tuple[float, ...]) -> tuple:
-    """The last arguments of `make_args`, which depend only on the options and the teacher
-    weights: the same every step of a training loop, so built once (enum codes by name)."""
+def _option_arguments(ext, options: tuple, weights: tuple[float, ...]) -> tuple:
+    """The last arguments of `make_args`, which depend only on the options (OpOptions' values)
+    and the teacher weights: the same every step of a training loop, so built once (enum codes
+    by name)."""
+    o = OpOptions(*options)
     return (
         list(weights),
         o.ignore_index,
@@ -167,17 +169,19 @@ def kernel_arguments(
     labels: Tensor | None,
     num_items: Tensor | None,
     weights,
-    o: OpOptions,
+    options: tuple,
 ) -> tuple[tuple, Tensor, Tensor]:
     """The positional arguments of `make_args` (MAKE_ARGS_NAMES) for one call of a fused C++ op
     of the extension `ext` on inputs that passed check_op_inputs (or validation), and the
     outputs they point into: per-row losses [N] and, if compute_grad, the gradient [N, C] (else
-    an empty tensor)."""
+    an empty tensor). `options`: OpOptions' values in order, as the op takes them (an OpOptions
+    or the op's plain tuple: a small batch's call does not build the named tuple)."""
     n, c = student.shape
+    compute_grad = options[-1]
     dtype = loss_dtype(student)
     # new_empty's dtype keyword alone costs microseconds: a float32 student gives its own.
     row_loss = student.new_empty(n) if student.dtype == dtype else student.new_empty(n, dtype=dtype)
-    grad = new_gradient(student) if o.compute_grad else student.new_empty((0,))
+    grad = new_gradient(student) if compute_grad else student.new_empty((0,))
     codes = _dtype_codes(ext)
     arguments = (
         student.data_ptr(),
@@ -191,9 +195,9 @@ def kernel_arguments(
         n,
         c,
         row_loss.data_ptr(),
-        grad.data_ptr() if o.compute_grad else 0,
+        grad.data_ptr() if compute_grad else 0,
         torch.get_num_threads(),
-        *_option_arguments(ext, o, tuple(weights)),
+        *_option_arguments(ext, tuple(options), tuple(weights)),
     )
     return arguments, row_loss, grad
 
@@ -225,5 +229,6 @@ def kernel_dtypes(problem: Problem) -> tuple[Tensor, list[Tensor]]:
 def op_arguments(problem: Problem, student: Tensor, teachers, weights) -> tuple:
     """The positional arguments of a fused op (this one or another backend's) for a problem."""
     compute_grad = student.requires_grad and torch.is_grad_enabled()
-    options = OpOptions(*problem.options.values, compute_grad)
-    return (student, teachers, problem.labels, problem.num_items, weights, *options)
+    # OpOptions' values in order (the loss options, then compute_grad), without building one
+    head = (student, teachers, problem.labels, problem.num_items, weights)
+    return (*head, *problem.options.values, compute_grad)

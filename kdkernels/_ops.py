@@ -12,7 +12,6 @@ from torch import Tensor
 from ._autograd import register_fused_op, run_fused
 from ._extension import load_extension
 from ._fused import (
-    OpOptions,
     checked_op_impl,
     kernel_arguments,
     kernel_dtypes,
@@ -35,9 +34,8 @@ def _fused_kd_kernel(
         raise RuntimeError(why)
     if not (student.is_cpu or student.is_cuda):
         raise ValueError(f"kdkernels::fused_kd serves CPU and CUDA tensors, not {student.device}")
-    o = OpOptions(*options)
     arguments, row_loss, grad = kernel_arguments(
-        ext, student, teachers, labels, num_items, weights, o
+        ext, student, teachers, labels, num_items, weights, options
     )
     args = ext.make_args(*arguments)
     if student.is_cuda:

@@ -220,7 +220,8 @@ def _teacher_list(teacher_logits: object, student: Tensor) -> list[Tensor]:
         if len(teacher_logits) == 0:
             raise ValueError("teacher_logits is an empty ensemble: pass at least one teacher")
         for m, t in enumerate(teacher_logits):
-            _logits(f"teacher_logits[{m}]", t)
+            if not isinstance(t, Tensor) or t.dtype not in _FLOAT_DTYPE_SET:
+                _logits(f"teacher_logits[{m}]", t)  # raises (the name is built only then)
             if t.shape != shape:
                 _shape_error(f"teacher_logits[{m}]", t, student)
             if t.device != device:
