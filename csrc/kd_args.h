@@ -60,9 +60,12 @@ struct KDArgs {
 
   // Outputs. row_loss: [N], float64 when the inputs are float64, float32 otherwise; already
   // weighted and divided by the valid-row counts, so the loss is its sum (or itself for "none").
+  // With sum_rows (the CPU kernel only: the CUDA kernel refuses it) row_loss is one value, that
+  // sum, added in float64 in row order: a small batch's call then needs no torch sum.
   // grad: [N, C] contiguous in the student's dtype, the gradient of sum(row_loss); null when the
   // student needs no gradient (forward only).
   void* row_loss = nullptr;
+  bool sum_rows = false;
   void* grad = nullptr;
 
   int32_t num_threads = 1;  // CPU only

@@ -742,17 +742,21 @@ bool fast_close_cancelled(Acc kl, Acc mean_log_ratio, Acc log_lz, Acc log_lu) {
   return !(kl > Acc(kAccurateBelow) * largest);  // NaN too: the accurate pass keeps it NaN
 }
 
+// The row losses' type: float64 with float64 inputs, else float32.
+template <typename Acc>
+using Loss = std::conditional_t<std::is_same_v<Acc, double>, double, float>;
+
 template <typename S, typename Tt, typename Acc>
-void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffers<Acc>& b) {
-  using Loss = std::conditional_t<std::is_same_v<Acc, double>, double, float>;
+void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffers<Acc>& b,
+            Loss<Acc>* row_losses) {
   const int64_t C = a.num_classes;
   const int64_t label = a.labels ? a.labels[i] : 0;
   const RowRole role = row_role(a, label);
-  Loss* loss = static_cast<Loss*>(a.row_loss) + i;
+  Loss<Acc>* loss = row_losses + i;
   S* grad = a.grad ? static_cast<S*>(a.grad) + i * C : nullptr;
   if (role.bad || (!role.soft && !role.hard)) {
     const Acc v = role.bad ? std::numeric_limits<Acc>::quiet_NaN() : Acc(0);
-    *loss = static_cast<Loss>(v);
+    *loss = static_cast<Loss<Acc>>(v);
     if (grad) fill_row(grad, C, v);
     return;
   }
@@ -810,7 +814,7 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   });
   Acc value = static_cast<Acc>(scales.soft_loss) * soft;
   if (role.hard) value += static_cast<Acc>(scales.hard_loss) * hard_term(m_s, r.l_s, s_y);
-  *loss = static_cast<Loss>(value);
+  *loss = static_cast<Loss<Acc>>(value);
   if (!grad) return;
 
   const Acc cs = static_cast<Acc>(scales.soft_grad), ch = static_cast<Acc>(scales.hard_grad);
@@ -837,6 +841,14 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   });
 }
 
+// The sum of the row losses, added in float64 in row order (deterministic whatever the threads).
+template <typename L>
+L sum_in_order(const std::vector<L>& rows) {
+  double total = 0;
+  for (const L v : rows) total += v;
+  return static_cast<L>(total);
+}
+
 template <typename S, typename Tt, typename Acc>
 void run(const KDArgs& a) {
   const int64_t N = a.num_rows, C = a.num_classes;
@@ -857,6 +869,9 @@ void run(const KDArgs& a) {
   const int threads = static_cast<int>(std::min<int64_t>(std::max(a.num_threads, 1), useful));
   const int64_t Cp = padded_classes(C);
   std::vector<Acc> workspace(static_cast<size_t>(threads) * 4 * static_cast<size_t>(Cp));
+  // sum_rows: the rows' losses go here, and row_loss receives their sum.
+  std::vector<Loss<Acc>> kept_rows(a.sum_rows ? static_cast<size_t>(N) : 0);
+  Loss<Acc>* rows = a.sum_rows ? kept_rows.data() : static_cast<Loss<Acc>*>(a.row_loss);
 
 #pragma omp parallel num_threads(threads)
   {
@@ -868,9 +883,10 @@ void run(const KDArgs& a) {
     Acc* w = workspace.data() + tid * 4 * Cp;
     const RowBuffers<Acc> b{w, w + Cp, w + 2 * Cp, w + 3 * Cp};
 #pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < N; ++i) kd_row<S, Tt, Acc>(a, i, scales, b);
+    for (int64_t i = 0; i < N; ++i) kd_row<S, Tt, Acc>(a, i, scales, b, rows);
     fence_streaming_stores();
   }
+  if (a.sum_rows) *static_cast<Loss<Acc>*>(a.row_loss) = sum_in_order(kept_rows);
 }
 
 template <typename S>
@@ -886,7 +902,11 @@ void dispatch_teacher(const KDArgs& a) {
 }  // namespace
 
 void forward(const KDArgs& a) {
-  if (a.num_rows == 0) return;
+  if (a.num_rows == 0) {  // nothing to compute; the sum of no rows is 0
+    if (a.sum_rows && a.student_dtype == DType::kFloat64) *static_cast<double*>(a.row_loss) = 0.0;
+    if (a.sum_rows && a.student_dtype != DType::kFloat64) *static_cast<float*>(a.row_loss) = 0.0f;
+    return;
+  }
   switch (a.student_dtype) {
     case DType::kFloat32: return dispatch_teacher<float>(a);
     case DType::kFloat16: return dispatch_teacher<Half>(a);

@@ -88,6 +88,7 @@ const char* launch_kernel(FusedKernel kernel, LaunchPlan plan, const KDArgs& a,
 }  // namespace
 
 const char* kd_forward_cuda(const KDArgs& a, void* stream_handle, int device, void* workspace) {
+  if (a.sum_rows) return "sum_rows is the CPU kernel's: the CUDA kernel writes one loss per row";
   if (a.num_rows == 0) return nullptr;
   if (a.num_rows > 0x7fffffffLL) return "the CUDA kernel takes at most 2^31 - 1 rows";
   DeviceGuard guard(device);

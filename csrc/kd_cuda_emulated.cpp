@@ -21,6 +21,7 @@ gpu::DeviceLimits limits_of(const EmulatedDevice& device) {
 }  // namespace
 
 const char* kd_forward_cuda_emulated(const KDArgs& a, const EmulatedDevice& device) {
+  if (a.sum_rows) return "sum_rows is the CPU kernel's: the CUDA kernel writes one loss per row";
   if (a.num_rows == 0) return nullptr;
   if (a.num_rows > 0x7fffffffLL) return "the CUDA kernel takes at most 2^31 - 1 rows";
   unsigned long long counts[2] = {0, 0};

@@ -139,9 +139,11 @@ class _EagerFused(torch.autograd.Function):
     # returned as the op returns it: one output less to wrap (about 3 us a call).
     @staticmethod
     def forward(ctx, student, kernel, reduce, other_arguments):
-        row_loss, grad = kernel(student, *other_arguments)
+        # reduce: the CPU kernel sums the rows itself (one tensor and one op less); the others
+        # return the rows.
+        loss, grad = kernel(student, *other_arguments, sum_rows=reduce)
         ctx.save_for_backward(grad)
-        return row_loss.sum() if reduce else row_loss
+        return loss.sum() if reduce and loss.dim() else loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -167,6 +169,6 @@ def run_fused(op, kernel, problem: Problem, student: Tensor, teachers: list[Tens
     if plain and (args[-1] or torch.autograd.forward_ad._current_level >= 0):
         loss = _EagerFused.apply(student, kernel, reduce, args[1:])
     else:  # traced, or nothing to differentiate (no_grad, a student without requires_grad)
-        row_loss, _ = (kernel if plain else op)(*args)
-        loss = row_loss.sum() if reduce else row_loss
+        loss, _ = kernel(*args, sum_rows=reduce) if plain else op(*args)
+        loss = loss.sum() if reduce and loss.dim() else loss
     return loss if reduce else loss.reshape(problem.lead_shape)

@@ -62,9 +62,11 @@ def _fused_kd_emulated_kernel(
     num_items: Tensor | None,
     weights,
     *options,
+    sum_rows: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The CUDA kernel on the emulator: per-row losses [N] and, if compute_grad, the gradient,
-    on inputs already checked (by the op's check_op_inputs, or by validation)."""
+    """The CUDA kernel on the emulator: per-row losses [N] (always the rows, as the CUDA kernel
+    writes them: `sum_rows` is the CPU kernel's) and, if compute_grad, the gradient, on inputs
+    already checked (by the op's check_op_inputs, or by validation)."""
     ext, why = load_extension()
     if ext is None or _emulator is None:
         raise RuntimeError(why or missing())

@@ -134,7 +134,8 @@ def _dtype_codes(ext) -> dict[torch.dtype, int]:
 # make_args' parameters in order: each call's pointers, strides and sizes, then the options.
 MAKE_ARGS_NAMES = (
     *("student", "student_row_stride", "student_dtype", "teachers", "teacher_row_strides"),
-    *("teacher_dtype", "labels", "row_counts", "num_rows", "num_classes", "row_loss", "grad"),
+    *("teacher_dtype", "labels", "row_counts", "num_rows", "num_classes", "row_loss", "sum_rows"),
+    "grad",
     *("num_threads", "teacher_weights", "ignore_index", "unlabeled_index", "temperature"),
     *("soft_weight", "hard_weight", "scale_soft_by_t2", "ensemble", "soft_loss", "beta"),
     "reduction",
@@ -170,17 +171,21 @@ def kernel_arguments(
     num_items: Tensor | None,
     weights,
     options: tuple,
+    sum_rows: bool = False,
 ) -> tuple[tuple, Tensor, Tensor]:
     """The positional arguments of `make_args` (MAKE_ARGS_NAMES) for one call of a fused C++ op
     of the extension `ext` on inputs that passed check_op_inputs (or validation), and the
-    outputs they point into: per-row losses [N] and, if compute_grad, the gradient [N, C] (else
-    an empty tensor). `options`: OpOptions' values in order, as the op takes them (an OpOptions
-    or the op's plain tuple: a small batch's call does not build the named tuple)."""
+    outputs they point into: per-row losses [N] (with `sum_rows`, their sum: 0-dim; the CPU
+    kernel only) and, if compute_grad, the gradient [N, C] (else an empty tensor). `options`:
+    OpOptions' values in order, as the op takes them (an OpOptions or the op's plain tuple: a
+    small batch's call does not build the named tuple)."""
     n, c = student.shape
     compute_grad = options[-1]
     dtype = loss_dtype(student)
+    shape = () if sum_rows else (n,)
     # new_empty's dtype keyword alone costs microseconds: a float32 student gives its own.
-    row_loss = student.new_empty(n) if student.dtype == dtype else student.new_empty(n, dtype=dtype)
+    same = student.dtype == dtype
+    row_loss = student.new_empty(shape) if same else student.new_empty(shape, dtype=dtype)
     grad = new_gradient(student) if compute_grad else student.new_empty((0,))
     codes = _dtype_codes(ext)
     arguments = (
@@ -195,6 +200,7 @@ def kernel_arguments(
         n,
         c,
         row_loss.data_ptr(),
+        sum_rows,
         grad.data_ptr() if compute_grad else 0,
         torch.get_num_threads(),
         *_option_arguments(ext, tuple(options), tuple(weights)),

@@ -26,16 +26,18 @@ def _fused_kd_kernel(
     num_items: Tensor | None,
     weights,
     *options,
+    sum_rows: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row losses [N] and, if compute_grad, d(sum of them)/d(student) [N, C] (else empty),
-    on inputs already checked (by the op's check_op_inputs, or by validation: the eager path)."""
+    """Per-row losses [N] (with `sum_rows` on the CPU their sum, 0-dim: the eager path of "mean"
+    and "sum") and, if compute_grad, d(sum of them)/d(student) [N, C] (else empty), on inputs
+    already checked (by the op's check_op_inputs, or by validation: the eager path)."""
     ext, why = load_extension()
     if ext is None:
         raise RuntimeError(why)
     if not (student.is_cpu or student.is_cuda):
         raise ValueError(f"kdkernels::fused_kd serves CPU and CUDA tensors, not {student.device}")
     arguments, row_loss, grad = kernel_arguments(
-        ext, student, teachers, labels, num_items, weights, options
+        ext, student, teachers, labels, num_items, weights, options, sum_rows and student.is_cpu
     )
     args = ext.make_args(*arguments)
     if student.is_cuda:

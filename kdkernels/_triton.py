@@ -440,9 +440,11 @@ def _fused_kd_triton_kernel(
     num_items: Tensor | None,
     teacher_weights,
     *options,
+    sum_rows: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row losses [N] (float32) and, if compute_grad, d(sum of them)/d(student) [N, C], on
-    inputs already checked (by the op's check_op_inputs, or by validation)."""
+    """Per-row losses [N] (float32; always the rows: `sum_rows` asks the C++ kernel for their
+    sum) and, if compute_grad, d(sum of them)/d(student) [N, C], on inputs already checked (by
+    the op's check_op_inputs, or by validation)."""
     if len(teachers) > MAX_TEACHERS:  # the kernel's fixed teacher slots
         raise ValueError(f"the Triton kernel takes at most {MAX_TEACHERS} teachers")
     o = OpOptions(*options)

@@ -34,8 +34,8 @@ inline kd::KDArgs make_args(uintptr_t student, int64_t student_row_stride, int s
                             const std::vector<uintptr_t>& teachers,
                             const std::vector<int64_t>& teacher_row_strides, int teacher_dtype,
                             uintptr_t labels, uintptr_t row_counts, int64_t num_rows,
-                            int64_t num_classes, uintptr_t row_loss, uintptr_t grad,
-                            int num_threads, const std::vector<double>& teacher_weights,
+                            int64_t num_classes, uintptr_t row_loss, bool sum_rows,
+                            uintptr_t grad, int num_threads, const std::vector<double>& teacher_weights,
                             int64_t ignore_index, std::optional<int64_t> unlabeled_index,
                             double temperature, double soft_weight, double hard_weight,
                             bool scale_soft_by_t2, int ensemble, int soft_loss, double beta,
@@ -71,6 +71,7 @@ inline kd::KDArgs make_args(uintptr_t student, int64_t student_row_stride, int s
   a.reduction = static_cast<kd::Reduction>(reduction);
   a.row_counts = as_pointer<const int64_t>(row_counts);
   a.row_loss = as_pointer<void>(row_loss);
+  a.sum_rows = sum_rows;
   a.grad = as_pointer<void>(grad);
   a.num_threads = num_threads;
   if (const char* problem = kd::check_args(a)) throw std::invalid_argument(problem);
@@ -83,8 +84,8 @@ inline void bind_args(py::module_& m) {
   m.def("make_args", &make_args, py::arg("student"), py::arg("student_row_stride"),
         py::arg("student_dtype"), py::arg("teachers"), py::arg("teacher_row_strides"),
         py::arg("teacher_dtype"), py::arg("labels"), py::arg("row_counts"), py::arg("num_rows"),
-        py::arg("num_classes"), py::arg("row_loss"), py::arg("grad"), py::arg("num_threads"),
-        py::arg("teacher_weights"), py::arg("ignore_index"), py::arg("unlabeled_index"),
+        py::arg("num_classes"), py::arg("row_loss"), py::arg("sum_rows"), py::arg("grad"),
+        py::arg("num_threads"), py::arg("teacher_weights"), py::arg("ignore_index"), py::arg("unlabeled_index"),
         py::arg("temperature"), py::arg("soft_weight"), py::arg("hard_weight"),
         py::arg("scale_soft_by_t2"), py::arg("ensemble"), py::arg("soft_loss"), py::arg("beta"),
         py::arg("reduction"),

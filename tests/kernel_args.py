@@ -33,6 +33,7 @@ def raw_kernel_args(n: int, c: int, **change) -> tuple[tuple[Tensor, ...], dict]
         reduction=0,
         row_counts=0,
         row_loss=row_loss.data_ptr(),
+        sum_rows=False,
         grad=0,
         num_threads=1,
     )

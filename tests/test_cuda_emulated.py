@@ -106,6 +106,15 @@ def test_emulator_reports_kernel_errors_as_exceptions():
         _emulated._emulator.forward(args, H200)
 
 
+def test_cuda_kernel_refuses_sum_rows():
+    """sum_rows (one summed loss in row_loss) is the CPU kernel's: the CUDA kernel would write
+    N row losses into room for one, so it refuses the flag."""
+    _keep, args = raw_kernel_args(4, 5, sum_rows=True)
+    args = _emulated._emulator.make_args(**args)
+    with pytest.raises(RuntimeError, match="sum_rows is the CPU kernel's"):
+        _emulated._emulator.forward(args, H200)
+
+
 def test_clusters_only_with_cluster_code():
     """Clusters need an sm_90+ device and kernels compiled for sm_90+ (a wheel built for sm_80
     only runs on an H200 from compute_80 code, which has no cluster support)."""

@@ -62,14 +62,21 @@ class Case:
         student = (torch.randn(self.n, self.c, generator=gen) * 2).to(device, dtype)
         teachers = (torch.randn(self.m, self.n, self.c, generator=gen) * 2).to(device, dtype)
         labels = torch.randint(0, self.c, (self.n,), generator=gen).to(device)
-        return student, list(teachers.clone()) if self.as_list else teachers, labels
+        if self.as_list:
+            return student, list(teachers.clone()), labels
+        # One teacher: its [N, C] logits, as a user with one teacher passes them (a [1, N, C]
+        # tensor costs a view per call, several microseconds of a small batch's call).
+        return student, teachers[0].clone() if self.m == 1 else teachers, labels
 
 
-Teachers = Tensor | list[Tensor]  # stacked [M, N, C], or M tensors [N, C]
+# One teacher [N, C], M stacked [M, N, C], or M tensors [N, C] (the bench's students are [N, C])
+Teachers = Tensor | list[Tensor]
 
 
 def mean_teacher(teachers: Teachers) -> Tensor:
-    """The teachers' mean logits in float32, the way users write it for either form."""
+    """The teachers' mean logits in float32, the way users write it for each form."""
+    if isinstance(teachers, Tensor) and teachers.dim() == 2:
+        return teachers.float()
     if len(teachers) == 1:
         return teachers[0].float()
     stacked = torch.stack(teachers) if isinstance(teachers, list) else teachers
@@ -206,5 +213,7 @@ def _liger_provider() -> Callable[[Tensor, Teachers, Tensor], Tensor] | None:
 
 def reference_loss(case: Case) -> float:
     student, teachers, labels = case.inputs("cpu")
+    if isinstance(teachers, Tensor):  # one teacher [N, C], or M stacked
+        teachers = [teachers] if teachers.dim() == student.dim() else list(teachers)
     teachers = [t.double() for t in teachers]
     return float(kd_loss_reference(student.double(), teachers, labels, **case.options()))
