@@ -1,7 +1,9 @@
 """The fixed cost of one call at N=1, C=10 (CPU, float32): forward+backward with M = 1..5
-teachers (one tensor for M=1, a list otherwise), the forward under torch.no_grad(), and
-PyTorch's own floor measured beside them: `.backward()` of a leaf, and an autograd.Function that
-does nothing. Medians over interleaved blocks of calls, in microseconds.
+teachers (one tensor for M=1, a list otherwise), the forward under torch.no_grad(), and the
+floors measured beside them: PyTorch's own (`.backward()` of a leaf, an autograd.Function that
+does nothing) and the CPU kernel alone in an autograd.Function (no checks, no options, no
+backend choice: what a call would cost with everything but the kernel and autograd gone).
+Medians over interleaved blocks of calls, in microseconds.
 
     python bench/fixed_cost.py
 """
@@ -15,6 +17,9 @@ import time
 import torch
 
 import kdkernels as kd
+from kdkernels import _C
+from kdkernels._fused import OpOptions, kernel_arguments
+from kdkernels._validate import Options
 
 
 class _Nothing(torch.autograd.Function):
@@ -25,6 +30,26 @@ class _Nothing(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return torch.zeros(1, 10)
+
+
+class _KernelOnly(torch.autograd.Function):
+    """The kernel on options built here, its loss summed by the kernel, the gradient saved and
+    handed back as it is (a floor: correct only for the grad_loss of 1.0 this script passes)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels):
+        options = OpOptions(*Options().values, True)
+        arguments, loss, grad = kernel_arguments(
+            _C, student, [teacher], labels, None, [1.0], options, sum_rows=True
+        )
+        _C.forward_cpu(_C.make_args(*arguments))
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # 1.0 here (.backward() of the loss): the gradient as saved
+        (grad,) = ctx.saved_tensors
+        return grad, None, None
 
 
 def main() -> None:
@@ -54,9 +79,14 @@ def main() -> None:
         student.grad = None
         _Nothing.apply(student).backward()
 
+    def kernel_only() -> None:
+        student.grad = None
+        _KernelOnly.apply(student, teachers[1], labels).backward()
+
     calls = {f"M={m} fwd+bwd": (lambda m=m: step(m)) for m in teachers}
     calls |= {"M=1 forward, no_grad": no_grad, "torch: sum().backward()": leaf_backward}
     calls["torch: do-nothing Function fwd+bwd"] = nothing
+    calls["the kernel alone in a Function"] = kernel_only
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(a.blocks + 1):  # the first round warms up
         for name, call in calls.items():
