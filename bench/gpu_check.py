@@ -23,6 +23,7 @@ import torch
 
 import kdkernels as kd
 from kdkernels.bench import Case, format_table, linear, run
+from kdkernels.bench.cases import teacher_list
 from kdkernels.reference import kd_loss_reference
 
 DEFAULT_CASES = [
@@ -40,7 +41,7 @@ def check(case: Case, backend: str) -> tuple[float, float]:
     s1 = student.detach().clone().requires_grad_(True)
     s2 = student.detach().clone().requires_grad_(True)
     out = kd.distillation_loss(s1, teachers, labels, backend=backend, **case.options())
-    ref = kd_loss_reference(s2, list(teachers), labels, **case.options())
+    ref = kd_loss_reference(s2, teacher_list(teachers), labels, **case.options())
     out.backward()
     ref.backward()
     loss_err = (out.double() - ref.double()).abs().item() / ref.double().abs().item()

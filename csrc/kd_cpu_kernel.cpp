@@ -25,8 +25,8 @@
 
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC warns that a 64-byte vector (FloatLanes, below) is passed differently without AVX-512;
-// that matters only across a library boundary, and the functions taking one (kd_row_math.h's
-// included) are all inlined in this file.
+// that matters only across a library boundary, and every function taking or returning one
+// (kd_row_math.h's included) is internal to this file.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
@@ -149,10 +149,18 @@ auto lane_max(const L& lanes) {
 // dependent steps rather than fifteen, in one fixed order. A short row (C = 10) pays for several
 // of these per row; lane by lane they were a large part of its cost. Out of line: inlined, the
 // long rows' kernel was 3% slower (bfloat16 N=2048 C=32000: 22.9 -> 23.5 ms, the short rows no
-// faster), from how GCC then compiled the loops around it.
+// faster), from how GCC then compiled the loops around it. Halves taken by memcpy instead of
+// __builtin_shufflevector made short rows 25% slower, so compilers without that builtin (GCC
+// before 12) add the lanes one by one instead.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define KD_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
 template <typename Op>
 [[gnu::noinline]] float lane_reduce(FloatLanes v, Op op) {
   static_assert(kLanes == 16);
+#if defined(KD_HAS_SHUFFLEVECTOR)
   using Float8 = float __attribute__((vector_size(8 * sizeof(float))));
   using Float4 = float __attribute__((vector_size(4 * sizeof(float))));
   const Float8 h = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
@@ -161,6 +169,11 @@ template <typename Op>
       op(__builtin_shufflevector(h, h, 0, 1, 2, 3), __builtin_shufflevector(h, h, 4, 5, 6, 7));
   const Float4 e = op(q, __builtin_shufflevector(q, q, 2, 3, 0, 1));
   return op(e, __builtin_shufflevector(e, e, 1, 0, 3, 2))[0];
+#else
+  float total = v[0];
+  for (int64_t k = 1; k < kLanes; ++k) total = op(total, v[k]);
+  return total;
+#endif
 }
 inline float lane_sum(FloatLanes v) {
   return lane_reduce(v, [](auto x, auto y) { return x + y; });
@@ -193,20 +206,17 @@ inline FloatLanes load_lanes(const Half* p) {
 // are not read, so they cannot fault).
 template <typename In>
 [[gnu::always_inline]] inline FloatLanes load_partial_lanes(const In* p, int64_t n, float fill) {
-#if defined(__AVX512BW__)
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
   const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-  __m512 x;
   if constexpr (std::is_same_v<In, float>) {
-    x = _mm512_maskz_loadu_ps(mask, p);
-  } else {
+    return (FloatLanes)_mm512_mask_loadu_ps(_mm512_set1_ps(fill), mask, p);
+  } else {  // bfloat16 as load_lanes converts it; half exactly
     const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
-    if constexpr (std::is_same_v<In, BFloat16>) {  // as load_lanes
-      x = (__m512)(__builtin_convertvector((Bits16Lanes)bits, UintLanes) << 16);
-    } else {
-      x = _mm512_maskz_cvtph_ps(0xffff, bits);
-    }
+    const __m512 x = std::is_same_v<In, BFloat16>
+                         ? (__m512)(__builtin_convertvector((Bits16Lanes)bits, UintLanes) << 16)
+                         : _mm512_maskz_cvtph_ps(0xffff, bits);
+    return (FloatLanes)_mm512_mask_blend_ps(mask, _mm512_set1_ps(fill), x);
   }
-  return (FloatLanes)_mm512_mask_blend_ps(mask, _mm512_set1_ps(fill), x);
 #else
   alignas(64) float v[kLanes];
   for (int64_t k = 0; k < kLanes; ++k) v[k] = k < n ? to_float(p[k]) : fill;

@@ -147,6 +147,8 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # One output, so autograd materialises a missing grad_loss as zeros (the student's
+        # gradient is then 0, as for any op); the registered op's None path is _backward's.
         return _student_gradient(ctx, grad_loss), None, None, None
 
 

@@ -187,15 +187,19 @@ def options_from_values(values: tuple) -> Options:
     return options
 
 
+def _is_logits(x: object) -> bool:
+    return isinstance(x, Tensor) and x.dtype in _FLOAT_DTYPE_SET
+
+
 def _logits(name: str, x: object) -> Tensor:
+    """x if it passes _is_logits, else the error that says why."""
+    if _is_logits(x):
+        return x
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPE_SET:
-        raise TypeError(
-            f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), "
-            f"got {x.dtype}"
-        )
-    return x
+    raise TypeError(
+        f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got {x.dtype}"
+    )
 
 
 def _teacher_list(teacher_logits: object, student: Tensor) -> list[Tensor]:
@@ -220,7 +224,7 @@ def _teacher_list(teacher_logits: object, student: Tensor) -> list[Tensor]:
         if len(teacher_logits) == 0:
             raise ValueError("teacher_logits is an empty ensemble: pass at least one teacher")
         for m, t in enumerate(teacher_logits):
-            if not isinstance(t, Tensor) or t.dtype not in _FLOAT_DTYPE_SET:
+            if not _is_logits(t):
                 _logits(f"teacher_logits[{m}]", t)  # raises (the name is built only then)
             if t.shape != shape:
                 _shape_error(f"teacher_logits[{m}]", t, student)

@@ -223,6 +223,22 @@ def test_temperature_range_is_the_kernels():
                 _C.make_args(**args)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sum_rows_is_the_float64_sum_of_the_rows_in_order(threads):
+    """sum_rows writes one value: the row losses added in float64 in row order and rounded once,
+    the same whatever the thread count (the eager path's "mean"/"sum" on the CPU)."""
+    from kernel_args import raw_kernel_args
+
+    (_s, _t, rows), args = raw_kernel_args(3000, 7, num_threads=threads)
+    _C.forward_cpu(_C.make_args(**args))
+    total = torch.full((), float("nan"))
+    _C.forward_cpu(_C.make_args(**{**args, "row_loss": total.data_ptr(), "sum_rows": True}))
+    in_order = 0.0
+    for v in rows.tolist():
+        in_order += v
+    assert total.item() == torch.tensor(in_order, dtype=torch.float32).item()
+
+
 def near_convergence(seed, n, c, m, spread=5.0, noise=1e-3):
     gen = torch.Generator().manual_seed(seed)
     teachers = torch.randn(m, n, c, generator=gen) * spread

@@ -30,7 +30,7 @@ class Case:
     dtype: str = "float32"
     backward: bool = True
     soft_loss: str = "kl"  # a key of DIVERGENCES
-    as_list: bool = False  # the teachers as a list of M tensors rather than stacked [M, N, C]
+    as_list: bool = False  # the teachers as a list of M tensors rather than one tensor
 
     @property
     def name(self) -> str:
@@ -71,6 +71,13 @@ class Case:
 
 # One teacher [N, C], M stacked [M, N, C], or M tensors [N, C] (the bench's students are [N, C])
 Teachers = Tensor | list[Tensor]
+
+
+def teacher_list(teachers: Teachers) -> list[Tensor]:
+    """The teachers as a list of [N, C] tensors, whatever the form."""
+    if isinstance(teachers, Tensor):
+        return [teachers] if teachers.dim() == 2 else list(teachers)
+    return list(teachers)
 
 
 def mean_teacher(teachers: Teachers) -> Tensor:
@@ -213,7 +220,5 @@ def _liger_provider() -> Callable[[Tensor, Teachers, Tensor], Tensor] | None:
 
 def reference_loss(case: Case) -> float:
     student, teachers, labels = case.inputs("cpu")
-    if isinstance(teachers, Tensor):  # one teacher [N, C], or M stacked
-        teachers = [teachers] if teachers.dim() == student.dim() else list(teachers)
-    teachers = [t.double() for t in teachers]
+    teachers = [t.double() for t in teacher_list(teachers)]
     return float(kd_loss_reference(student.double(), teachers, labels, **case.options()))
