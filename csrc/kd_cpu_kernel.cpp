@@ -80,8 +80,9 @@ struct NextRow {
 // A next row of this many bytes per class or more is more than the exponential pass can
 // prefetch while it runs (float32 with four teachers: 20): that pass prefetches its first half
 // and the gradient pass the second. N=2048 C=32000 forward+backward, float32 M=4: 62-68 ms ->
-// 46-61 over two sets of runs; with fewer bytes the split was slower (bfloat16 M=1 23 -> 28 ms, float32 M=1 29 -> 35,
-// bfloat16 M=4 36 -> 39). Nothing between 10 and 20 bytes a class was measured.
+// 46-61 over two sets of runs; with fewer bytes the split was slower (bfloat16 M=1 23 -> 28 ms,
+// float32 M=1 29 -> 35, bfloat16 M=4 36 -> 39). Nothing between 10 and 20 bytes a class was
+// measured.
 constexpr int64_t kSplitPrefetchBytes = 16;
 
 // Row loops run in blocks of kLanes elements with one accumulator per lane: the inner loop is a
@@ -912,11 +913,7 @@ void dispatch_teacher(const KDArgs& a) {
 }  // namespace
 
 void forward(const KDArgs& a) {
-  if (a.num_rows == 0) {  // nothing to compute; the sum of no rows is 0
-    if (a.sum_rows && a.student_dtype == DType::kFloat64) *static_cast<double*>(a.row_loss) = 0.0;
-    if (a.sum_rows && a.student_dtype != DType::kFloat64) *static_cast<float*>(a.row_loss) = 0.0f;
-    return;
-  }
+  if (a.num_rows == 0 && !a.sum_rows) return;  // (with sum_rows, run writes the sum of none: 0)
   switch (a.student_dtype) {
     case DType::kFloat32: return dispatch_teacher<float>(a);
     case DType::kFloat16: return dispatch_teacher<Half>(a);

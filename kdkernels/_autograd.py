@@ -126,6 +126,12 @@ def _plain_eager(tensors: list[Tensor]) -> bool:
     )
 
 
+def _summed(loss: Tensor, reduce: bool) -> Tensor:
+    """A kernel's loss for `reduce` ("mean"/"sum"): the rows' sum, unless the kernel summed them
+    already (the CPU kernel asked for sum_rows returns it 0-dim)."""
+    return loss.sum() if reduce and loss.dim() else loss
+
+
 class _EagerFused(torch.autograd.Function):
     """A fused op's kernel with the op's autograd, minus torch.library's Python dispatch
     (argument defaults, pytree flattening: about 300 us a call, which is what a small
@@ -143,7 +149,7 @@ class _EagerFused(torch.autograd.Function):
         # return the rows.
         loss, grad = kernel(student, *other_arguments, sum_rows=reduce)
         ctx.save_for_backward(grad)
-        return loss.sum() if reduce and loss.dim() else loss
+        return _summed(loss, reduce)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -172,5 +178,5 @@ def run_fused(op, kernel, problem: Problem, student: Tensor, teachers: list[Tens
         loss = _EagerFused.apply(student, kernel, reduce, args[1:])
     else:  # traced, or nothing to differentiate (no_grad, a student without requires_grad)
         loss, _ = kernel(*args, sum_rows=reduce) if plain else op(*args)
-        loss = loss.sum() if reduce and loss.dim() else loss
+        loss = _summed(loss, reduce)
     return loss if reduce else loss.reshape(problem.lead_shape)

@@ -36,7 +36,8 @@ inline kd::KDArgs make_args(uintptr_t student, int64_t student_row_stride, int s
                             uintptr_t labels, uintptr_t row_counts, int64_t num_rows,
                             int64_t num_classes, uintptr_t row_loss, bool sum_rows,
                             uintptr_t grad, int num_threads,
-                            const std::vector<double>& teacher_weights, int64_t ignore_index, std::optional<int64_t> unlabeled_index,
+                            const std::vector<double>& teacher_weights, int64_t ignore_index,
+                            std::optional<int64_t> unlabeled_index,
                             double temperature, double soft_weight, double hard_weight,
                             bool scale_soft_by_t2, int ensemble, int soft_loss, double beta,
                             int reduction) {
@@ -86,8 +87,8 @@ inline void bind_args(py::module_& m) {
         py::arg("teacher_dtype"), py::arg("labels"), py::arg("row_counts"), py::arg("num_rows"),
         py::arg("num_classes"), py::arg("row_loss"), py::arg("sum_rows"), py::arg("grad"),
         py::arg("num_threads"), py::arg("teacher_weights"), py::arg("ignore_index"),
-        py::arg("unlabeled_index"), py::arg("temperature"), py::arg("soft_weight"), py::arg("hard_weight"),
-        py::arg("scale_soft_by_t2"), py::arg("ensemble"), py::arg("soft_loss"), py::arg("beta"),
+        py::arg("unlabeled_index"), py::arg("temperature"), py::arg("soft_weight"),
+        py::arg("hard_weight"),        py::arg("scale_soft_by_t2"), py::arg("ensemble"), py::arg("soft_loss"), py::arg("beta"),
         py::arg("reduction"),
         "Build and check the kernel argument struct from raw pointers and options.");
 }
