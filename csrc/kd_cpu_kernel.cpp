@@ -289,21 +289,47 @@ Acc row_reference(const Tt* row) {
   return first - first == Acc(0) ? first : Acc(0);  // 0 for an infinite or NaN first element
 }
 
-// Geometric ensemble: z_j = sum_m (w_m / T) (t_mj - ref_m). Returns max_j z_j.
+// Geometric ensemble: z_j = sum_m (w_m / T) (t_mj - ref_m), the members added in order.
+// Returns max_j z_j. In float, one pass over the row for all the members: z is written once,
+// instead of once per member and read back by the next (the kernel alone, N=2048 C=32000
+// float32 with four teachers: 96.7 -> 91.8 ms, 98.6 -> 87.9 without the gradient; N=256 C=10
+// with five: 70 -> 59 ns a row, one lane maximum instead of five).
 template <typename Tt, typename Acc>
 Acc combine_geometric(const KDArgs& a, int64_t row, Acc inv_t, const RowBuffers<Acc>& b) {
-  // The first member initialises z, later ones accumulate; the last one's max is z's.
-  Acc m_z = 0;
-  bool first = true;
+  const Tt* rows[kMaxTeachers];
+  Acc refs[kMaxTeachers], scales[kMaxTeachers];
+  int members = 0;
   for (int32_t m = 0; m < a.num_teachers; ++m) {
     if (!(a.teacher_weights[m] > 0.0)) continue;  // a zero-weight member is not in the ensemble
-    const Tt* t = static_cast<const Tt*>(a.teachers[m]) + row * a.teacher_row_strides[m];
-    const Acc ref = row_reference<Acc>(t), c = static_cast<Acc>(a.teacher_weights[m]) * inv_t;
-    m_z = first ? scaled_into<false>(t, b.z, a.num_classes, ref, c)
-                : scaled_into<true>(t, b.z, a.num_classes, ref, c);
-    first = false;
+    rows[members] = static_cast<const Tt*>(a.teachers[m]) + row * a.teacher_row_strides[m];
+    refs[members] = row_reference<Acc>(rows[members]);
+    scales[members++] = static_cast<Acc>(a.teacher_weights[m]) * inv_t;
   }
-  return m_z;
+  if constexpr (std::is_same_v<Acc, float>) {
+    // As scaled_into: whole vectors, the last one padded with -inf (pad_row rewrites z's).
+    constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+    const int64_t C = a.num_classes;
+    auto block = [&](auto load, FloatLanes& top, int64_t j) __attribute__((always_inline)) {
+      FloatLanes v = scales[0] * (load(rows[0]) - refs[0]);
+      for (int m = 1; m < members; ++m) v += scales[m] * (load(rows[m]) - refs[m]);
+      store_vector(b.z + j, v);
+      top = v > top ? v : top;
+    };
+    FloatLanes top = FloatLanes{} + kMinusInf;
+    int64_t j = 0;
+    for (; j + kLanes <= C; j += kLanes)
+      block([j](const Tt* r) { return load_lanes(r + j); }, top, j);
+    if (j < C)
+      block([j, C](const Tt* r) { return load_partial_lanes(r + j, C - j, kMinusInf); }, top, j);
+    return lane_max(top);
+  } else {
+    Acc m_z = 0;
+    for (int m = 0; m < members; ++m) {
+      m_z = m == 0 ? scaled_into<false>(rows[m], b.z, a.num_classes, refs[m], scales[m])
+                   : scaled_into<true>(rows[m], b.z, a.num_classes, refs[m], scales[m]);
+    }
+    return m_z;  // the last member's pass takes z's max
+  }
 }
 
 // Arithmetic ensemble: z_j = log sum_m w_m softmax(t_m / T)_j. Returns max_j z_j.
