@@ -1,10 +1,11 @@
 // The fused distillation loss on the CPU: one call computes every row's weighted loss and, when
 // asked, the student's gradient. A row is read from memory once: pass 1 converts it into a
-// per-thread float buffer (student s, combined teacher z) and takes the maxima; pass 2 computes
-// the exponentials per element (teacher, student at T, and student at 1 unless it is a power of
-// the one at T) and the sums; pass 3 writes the gradient from the buffered exponentials (and
-// that power). The buffers are C floats each and stay in cache, so the only [N, C] memory
-// touched is the inputs and the gradient.
+// per-thread float buffer (student s, combined teacher z) and takes the maxima (a short row with
+// one teacher: the maxima only, pass 2 reading the inputs again); pass 2 computes the
+// exponentials per element (teacher, student at T, and student at 1 unless it is a power of the
+// one at T) and the sums; pass 3 writes the gradient from the buffered exponentials (and that
+// power). The buffers are C floats each and stay in cache, so the only [N, C] memory touched is
+// the inputs and the gradient.
 //
 // This file is compiled once per instruction set (baseline, AVX2, AVX-512, AVX-512 with BF16 on
 // x86-64), each into its own namespace kd::<isa>; kd_cpu.cpp picks one at run time.
@@ -427,16 +428,80 @@ inline V power_of_temperature(V e_u) {
   return e_u;
 }
 
-// Pass 2 over the buffered row: the exponentials and their sums. kHard adds the hard term,
+// Where the exponential pass reads the student's logits s and the combined teacher's z: the
+// row buffers of pass 1 (any ensemble, any dtype), or, for one teacher in float, the inputs
+// themselves (InputLogits).
+template <typename Acc>
+struct BufferedLogits {
+  const Acc* s;
+  const Acc* z;
+  template <typename V>
+  V student(int64_t j) const {
+    return load_vector<V>(s + j);
+  }
+  template <typename V>
+  V teacher(int64_t j) const {
+    return load_vector<V>(z + j);
+  }
+};
+
+// One teacher's row and the student's, read where they are, z = c (t - ref) formed again in
+// registers: pass 1 then only takes the two maxima and writes no buffer or padding. For short
+// rows, whose cost is per row rather than per byte (one teacher, N=256: C = 10 84 -> 70 ns a
+// row, C = 100 135 -> 126; C = 1000 the same either way); long rows keep the buffers (bfloat16 N=2048 C=32000: 22 -> 29 ms
+// this way, converting each vector in the exponential pass costing more than the buffer's
+// cache traffic it saves). The last, partial vector is padded with -inf, as pad_row pads the
+// buffers.
+constexpr int64_t kInputLogitsMaxClasses = 1024;
+
+template <typename In>
+struct InputLogits {
+  const In* s;
+  const In* t;
+  int64_t C;
+  float ref, c;
+  static FloatLanes load(const In* p, int64_t j, int64_t C) {
+    constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+    return j + kLanes <= C ? load_lanes(p + j) : load_partial_lanes(p + j, C - j, kMinusInf);
+  }
+  template <typename V>
+  V student(int64_t j) const {
+    return load(s, j, C);
+  }
+  template <typename V>
+  V teacher(int64_t j) const {
+    return c * (load(t, j, C) - ref);
+  }
+};
+
+// max_j p[j] for j in [0, n), as floats (NaNs never the max).
+template <typename In>
+float input_max(const In* __restrict__ p, int64_t n) {
+  constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+  FloatLanes top = FloatLanes{} + kMinusInf;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const FloatLanes x = load_lanes(p + j);
+    top = x > top ? x : top;
+  }
+  if (j < n) {
+    const FloatLanes x = load_partial_lanes(p + j, n - j, kMinusInf);
+    top = x > top ? x : top;
+  }
+  return lane_max(top);
+}
+
+// Pass 2 over the row (its buffers, or its inputs: Logits): the exponentials and their sums. kHard adds the hard term,
 // kKeep stores the exponentials for the gradient pass, and kPow > 0 says T == kPow: the hard
 // term's exp(ds) is then a power of exp(ds / T) instead of a third exponential, and is not
 // stored (the gradient pass squares again rather than reading a third buffer back). Each
 // combination is its own branch-free loop. The differences dz, du are in log2 units (the
 // one-pass sum too, scaled back by ln 2 once). Kept out of line (as is the accurate pass): each
 // instance's loop is compiled on its own.
-template <bool kHard, bool kKeep, typename Div, int kPow, typename Acc>
-[[gnu::noinline]] RowSums<Acc> exp_pass(const RowBuffers<Acc>& b, const NextRow& next, int64_t C,
-                                        Acc m_z, Acc m_s, Acc inv_t) {
+template <bool kHard, bool kKeep, typename Div, int kPow, typename Logits, typename Acc>
+[[gnu::noinline]] RowSums<Acc> exp_pass(const Logits& in, const RowBuffers<Acc>& b,
+                                        const NextRow& next, int64_t C, Acc m_z, Acc m_s,
+                                        Acc inv_t) {
   using V = PassVector<Acc>;
   constexpr int64_t kWidth = sizeof(V) / sizeof(Acc);
   constexpr Acc kLog2e = Acc(1.4426950408889634), kLn2 = Acc(0.6931471805599453);
@@ -444,8 +509,8 @@ template <bool kHard, bool kKeep, typename Div, int kPow, typename Acc>
   V l_z{}, l_u{}, l_s{}, sum_ex{};
   for (int64_t j = 0; j < C; j += kWidth) {
     if (j % kLanes == 0) next(j);
-    const V ds = load_vector<V>(b.s + j) - m_s;
-    const V dz = (load_vector<V>(b.z + j) - m_z) * kLog2e;  // rounds |z - m_z|, not |z|
+    const V ds = in.template student<V>(j) - m_s;
+    const V dz = (in.template teacher<V>(j) - m_z) * kLog2e;  // rounds |z - m_z|, not |z|
     const V du = ds * u_scale;
     const V e_z = exp2_nonpositive(dz);
     const V e_u = exp2_nonpositive(du);
@@ -493,17 +558,18 @@ auto with_power(int power, F&& f) {
   }
 }
 
-template <bool kHard, typename Acc>
-RowSums<Acc> exp_pass(const KDArgs& a, bool keep, int power, const RowBuffers<Acc>& b,
-                      const NextRow& next, Acc m_z, Acc m_s, Acc inv_t) {
+template <bool kHard, typename Logits, typename Acc>
+RowSums<Acc> exp_pass(const KDArgs& a, bool keep, int power, const Logits& in,
+                      const RowBuffers<Acc>& b, const NextRow& next, Acc m_z, Acc m_s,
+                      Acc inv_t) {
   const int64_t C = padded_classes(a.num_classes);  // the rows' -inf padding adds nothing
   return visit_divergence(divergence_of(a), [&](auto divergence) {
     using Div = std::conditional_t<decltype(divergence)::row_sum_gradient, NoOnePassSum,
                                    decltype(divergence)>;
     return with_power<kHard && std::is_same_v<Acc, float>>(power, [&](auto t_power) {
       constexpr int kPow = decltype(t_power)::value;
-      return keep ? exp_pass<kHard, true, Div, kPow>(b, next, C, m_z, m_s, inv_t)
-                  : exp_pass<kHard, false, Div, kPow>(b, next, C, m_z, m_s, inv_t);
+      return keep ? exp_pass<kHard, true, Div, kPow>(in, b, next, C, m_z, m_s, inv_t)
+                  : exp_pass<kHard, false, Div, kPow>(in, b, next, C, m_z, m_s, inv_t);
     });
   });
 }
@@ -800,9 +866,6 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
 
   const S* s = static_cast<const S*>(a.student) + i * a.student_row_stride;
   const Acc inv_t = Acc(1) / static_cast<Acc>(a.temperature);
-  const Acc m_s = scaled_into<false>(s, b.s, C, Acc(0), Acc(1));
-  pad_row(b.s, C);
-  const Acc s_y = role.hard ? b.s[label] : Acc(0);
   const bool keep = grad != nullptr;
   NextRow next;
   if (i + 1 < a.num_rows) {
@@ -817,13 +880,36 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   const bool split_prefetch = keep && next.bytes_per_class() >= kSplitPrefetchBytes;
   next.shift = split_prefetch ? 1 : 0;
 
-  // Every row from here takes the soft term (row_role: only ignored rows have none).
-  const Acc m_z = combines_logits(a) ? combine_geometric<Tt>(a, i, inv_t, b)
-                                     : combine_arithmetic<Tt>(a, i, inv_t, b);
-  pad_row(b.z, C);
+  // Pass 1, then the exponential pass (every row from here takes the soft term: row_role).
   const int power = temperature_power<Acc>(a, role.hard);
-  const RowSums<Acc> r = role.hard ? exp_pass<true>(a, keep, power, b, next, m_z, m_s, inv_t)
-                                   : exp_pass<false>(a, keep, power, b, next, m_z, m_s, inv_t);
+  Acc m_s, m_z, s_y;
+  auto exponentials = [&](const auto& logits) {
+    return role.hard ? exp_pass<true>(a, keep, power, logits, b, next, m_z, m_s, inv_t)
+                     : exp_pass<false>(a, keep, power, logits, b, next, m_z, m_s, inv_t);
+  };
+  RowSums<Acc> r;
+  bool read_inputs = false;
+  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<S, Tt>) {
+    if (a.num_teachers == 1 && C <= kInputLogitsMaxClasses) {  // see InputLogits
+      const Tt* t = static_cast<const Tt*>(a.teachers[0]) + i * a.teacher_row_strides[0];
+      const float ref = row_reference<float>(t);
+      const float c = static_cast<float>(a.teacher_weights[0]) * inv_t;
+      m_s = input_max(s, C);
+      m_z = c * (input_max(t, C) - ref);  // max_j c (t_j - ref): rounding is monotonic, c > 0
+      s_y = role.hard ? to_float(s[label]) : 0.0f;
+      r = exponentials(InputLogits<Tt>{s, t, C, ref, c});
+      read_inputs = true;
+    }
+  }
+  if (!read_inputs) {
+    m_s = scaled_into<false>(s, b.s, C, Acc(0), Acc(1));
+    pad_row(b.s, C);
+    s_y = role.hard ? b.s[label] : Acc(0);
+    m_z = combines_logits(a) ? combine_geometric<Tt>(a, i, inv_t, b)
+                             : combine_arithmetic<Tt>(a, i, inv_t, b);
+    pad_row(b.z, C);
+    r = exponentials(BufferedLogits<Acc>{b.s, b.z});
+  }
 
   SoftSums<Acc> sums;  // from soft_terms: the row's divergence and A
   const bool row_sum = visit_divergence(divergence_of(a), [](auto divergence) {
