@@ -44,7 +44,7 @@ class _KernelOnly(torch.autograd.Function):
         arguments, loss, grad = kernel_arguments(
             _C, student, [teacher], labels, None, [1.0], _OPTIONS, sum_rows=True
         )
-        _C.forward_cpu(_C.make_args(*arguments))
+        _C.run_cpu(*arguments)
         ctx.save_for_backward(grad)
         return loss
 

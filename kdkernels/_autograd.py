@@ -6,7 +6,7 @@ and the eager fast path that skips torch.library's Python dispatch when nothing 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -44,11 +44,12 @@ def _is_one(grad_output: Tensor) -> bool:
     """Whether grad_output is the 1.0 that .backward() on a mean/sum loss passes: a 0-dim
     tensor, or one value broadcast to [N]. Reading it is free on the CPU (no device sync), and
     it saves a pass over the gradient."""
-    if grad_output.dim() == 1 and (grad_output.numel() == 0 or grad_output.stride(0) != 0):
+    dim = grad_output.dim()
+    if dim == 1 and (grad_output.numel() == 0 or grad_output.stride(0) != 0):
         return False
     if torch._C._len_torch_dispatch_stack() > 0:  # under a mode (fake tensors): do not read
         return False
-    return float(grad_output if grad_output.dim() == 0 else grad_output[0]) == 1.0
+    return float(grad_output if dim == 0 else grad_output[0]) == 1.0
 
 
 _SCALED_ALREADY = (
@@ -79,7 +80,7 @@ def _student_gradient(ctx, grad_loss: Tensor | None) -> Tensor | None:
     if grad_loss is None:  # the loss itself received no gradient
         return None
     scale = grad_loss.unsqueeze(1) if grad_loss.dim() == 1 else grad_loss
-    return scale_saved_gradient(grad, scale, lambda: _is_one(grad_loss))
+    return scale_saved_gradient(grad, scale, grad_loss)
 
 
 def _backward(ctx, grad_loss: Tensor | None, _unused: Tensor | None):
@@ -87,16 +88,17 @@ def _backward(ctx, grad_loss: Tensor | None, _unused: Tensor | None):
     return (grad, ctx.teacher_grads) + (None,) * (3 + len(OpOptions._fields))
 
 
-def scale_saved_gradient(grad: Tensor, scale: Tensor, scale_is_one: Callable[[], bool]) -> Tensor:
+def scale_saved_gradient(grad: Tensor, scale: Tensor, grad_output: Tensor) -> Tensor:
     """grad * scale for a gradient a forward pass saved (every fused op's, the hidden-state
-    op's). Traced (torch.compile, AOT) or under allow_repeated_backward(): the functional form.
-    Eager: the saved gradient is ours alone, so it is scaled in place (no new buffer), or not
-    at all on the CPU when `scale_is_one()` (a free read there). Either way its version moves
+    op's), `scale` being the op's `grad_output` shaped to broadcast. Traced (torch.compile, AOT)
+    or under allow_repeated_backward(): the functional form. Eager: the saved gradient is ours
+    alone, so it is scaled in place (no new buffer), or not at all on the CPU when grad_output
+    is 1 (_is_one: a free read there). Either way its version moves
     on, so a later backward through the graph (retain_graph=True) raises _SCALED_ALREADY
     instead of scaling a tensor already handed out as a gradient (a leaf's .grad)."""
     if type(grad) is not torch.Tensor or torch.compiler.is_compiling() or _repeat_backward:
         return grad * scale
-    if grad.is_cpu and scale_is_one():
+    if grad.is_cpu and _is_one(grad_output):
         torch.autograd.graph.increment_version(grad)
     else:
         grad.mul_(scale)
@@ -140,13 +142,15 @@ class _EagerFused(torch.autograd.Function):
     mode; anything else goes through the registered op."""
 
     # forward takes ctx (no separate setup_context): apply() then skips binding the arguments
-    # with inspect.signature, which alone costs tens of microseconds. The op's other arguments
-    # come as one tuple: apply() inspects each argument it is given. The gradient is saved, not
-    # returned as the op returns it: one output less to wrap (about 3 us a call).
+    # with inspect.signature, which alone costs tens of microseconds. Everything but the student
+    # comes as one tuple (kernel, reduce, the op's other arguments): apply() inspects each
+    # argument it is given. The gradient is saved, not returned as the op returns it: one output
+    # less to wrap (about 3 us a call).
     @staticmethod
-    def forward(ctx, student, kernel, reduce, other_arguments):
+    def forward(ctx, student, call):
         # reduce: the CPU kernel sums the rows itself (one tensor and one op less); the others
         # return the rows.
+        kernel, reduce, other_arguments = call
         loss, grad = kernel(student, *other_arguments, sum_rows=reduce)
         ctx.save_for_backward(grad)
         return _summed(loss, reduce)
@@ -155,7 +159,7 @@ class _EagerFused(torch.autograd.Function):
     def backward(ctx, grad_loss):
         # One output, so autograd materialises a missing grad_loss as zeros (the student's
         # gradient is then 0, as for any op); the registered op's None path is _backward's.
-        return _student_gradient(ctx, grad_loss), None, None, None
+        return _student_gradient(ctx, grad_loss), None
 
 
 def register_fused_op(op) -> None:
@@ -175,7 +179,7 @@ def run_fused(op, kernel, problem: Problem, student: Tensor, teachers: list[Tens
     # compute_grad: the autograd node. So under forward-mode AD: the node raises for a dual
     # student (no jvp), where the kernel alone would silently drop the tangent.
     if plain and (args[-1] or torch.autograd.forward_ad._current_level >= 0):
-        loss = _EagerFused.apply(student, kernel, reduce, args[1:])
+        loss = _EagerFused.apply(student, (kernel, reduce, args[1:]))
     else:  # traced, or nothing to differentiate (no_grad, a student without requires_grad)
         loss, _ = kernel(*args, sum_rows=reduce) if plain else op(*args)
         loss = _summed(loss, reduce)

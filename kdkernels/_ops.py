@@ -39,14 +39,14 @@ def _fused_kd_kernel(
     arguments, row_loss, grad = kernel_arguments(
         ext, student, teachers, labels, num_items, weights, options, sum_rows and student.is_cpu
     )
-    args = ext.make_args(*arguments)
     if student.is_cuda:
         # Two int64 of device memory for the valid-row counts; the kernel never syncs the host.
         workspace = torch.empty(2, dtype=torch.int64, device=student.device)
         stream = torch.cuda.current_stream(student.device).cuda_stream
+        args = ext.make_args(*arguments)
         ext.forward_cuda(args, stream, student.device.index, workspace.data_ptr())
     else:
-        ext.forward_cpu(args)
+        ext.run_cpu(*arguments)
     return row_loss, grad
 
 

@@ -8,6 +8,7 @@ from kernel_args import raw_kernel_args
 
 import kdkernels as kd
 from kdkernels import _C
+from kdkernels._fused import MAKE_ARGS_NAMES
 
 N, C = 4, 10
 
@@ -208,6 +209,8 @@ def test_extension_boundary_refuses_unsafe_arguments(change, words):
     _keep, args = _raw_args(**change)
     with pytest.raises(ValueError, match=words.replace("[", r"\[")):
         _C.make_args(**args)
+    with pytest.raises(ValueError, match=words.replace("[", r"\[")):  # the eager path's entry
+        _C.run_cpu(*(args[name] for name in MAKE_ARGS_NAMES))
 
 
 def test_extension_boundary_accepts_good_arguments():
@@ -215,6 +218,10 @@ def test_extension_boundary_accepts_good_arguments():
     _C.forward_cpu(_C.make_args(**args))
     ref = kd.kd_loss_reference(s.double(), [t.double()], temperature=2.0, reduction="sum")
     assert abs(row_loss.sum().item() - ref.item()) < 1e-4 * abs(ref.item())
+    first = row_loss.clone()
+    row_loss.fill_(float("nan"))
+    _C.run_cpu(*(args[name] for name in MAKE_ARGS_NAMES))  # make_args and forward_cpu in one
+    assert torch.equal(row_loss, first)
 
 
 @pytest.mark.parametrize(
