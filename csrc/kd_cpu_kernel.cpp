@@ -4,8 +4,8 @@
 // one teacher: the maxima only, pass 2 reading the inputs again); pass 2 computes the
 // exponentials per element (teacher, student at T, and student at 1 unless it is a power of the
 // one at T) and the sums; pass 3 writes the gradient from the buffered exponentials (and that
-// power). The buffers are C floats each and stay in cache, so the only [N, C] memory touched is
-// the inputs and the gradient.
+// power). The buffers are C floats each (padded to whole vectors) and stay in cache, so the only
+// [N, C] memory touched is the inputs and the gradient.
 //
 // This file is compiled once per instruction set (baseline, AVX2, AVX-512, AVX-512 with BF16 on
 // x86-64), each into its own namespace kd::<isa>; kd_cpu.cpp picks one at run time.
@@ -50,8 +50,8 @@ namespace {
 // otherwise run entirely in the scalar tail.
 template <typename Acc>
 struct RowBuffers {
-  Acc* s;  // student logits, then exp(s - m_s) (unless it is a power of exp(s / T - m_u))
-  Acc* z;  // combined teacher logits (or log p), then exp(z - m_z)
+  Acc* s;  // student logits (not for InputLogits), then exp(s - m_s) (unless a power of e_u)
+  Acc* z;  // combined teacher logits (or log p; not for InputLogits), then exp(z - m_z)
   Acc* u;  // exp(s / T - m_u)
   Acc* t;  // scratch for one teacher of an arithmetic ensemble
 };
@@ -436,8 +436,8 @@ inline V power_of_temperature(V e_u) {
 }
 
 // Where the exponential pass reads the student's logits s and the combined teacher's z: the
-// row buffers of pass 1 (any ensemble, any dtype), or, for one teacher in float, the inputs
-// themselves (InputLogits).
+// row buffers of pass 1 (any ensemble, any dtype), or the inputs themselves (InputLogits: one
+// teacher, float accumulation, float32 or bfloat16 for both).
 template <typename Acc>
 struct BufferedLogits {
   const Acc* s;
@@ -453,12 +453,13 @@ struct BufferedLogits {
 };
 
 // One teacher's row and the student's, read where they are, z = c (t - ref) formed again in
-// registers: pass 1 then only takes the two maxima and writes no buffer or padding. For short
-// rows, whose cost is per row rather than per byte (one teacher, N=256: C = 10 84 -> 70 ns a
-// row, C = 100 135 -> 126; C = 1000 the same either way); long rows keep the buffers (bfloat16 N=2048 C=32000: 22 -> 29 ms
-// this way, converting each vector in the exponential pass costing more than the buffer's
-// cache traffic it saves). The last, partial vector is padded with -inf, as pad_row pads the
-// buffers.
+// registers (c (t - ref) - m_z may then be one fused multiply-add: z - m_z at the max is a
+// rounding error rather than 0, which the exponential takes as it is). Pass 1 then only takes
+// the two maxima and writes no buffer or padding. For short rows, whose cost is per row rather
+// than per byte (one teacher, N=256: C = 10 84 -> 70 ns a row, C = 100 135 -> 126; C = 1000
+// the same either way); long rows keep the buffers (bfloat16 N=2048 C=32000: 22 -> 29 ms this
+// way, widening each vector in the exponential pass costing more than the buffers' cache
+// traffic it saves). The last, partial vector is padded with -inf, as pad_row pads the buffers.
 constexpr int64_t kInputLogitsMaxClasses = 1024;
 
 template <typename In>
@@ -498,13 +499,13 @@ float input_max(const In* __restrict__ p, int64_t n) {
   return lane_max(top);
 }
 
-// Pass 2 over the row (its buffers, or its inputs: Logits): the exponentials and their sums. kHard adds the hard term,
-// kKeep stores the exponentials for the gradient pass, and kPow > 0 says T == kPow: the hard
-// term's exp(ds) is then a power of exp(ds / T) instead of a third exponential, and is not
-// stored (the gradient pass squares again rather than reading a third buffer back). Each
-// combination is its own branch-free loop. The differences dz, du are in log2 units (the
-// one-pass sum too, scaled back by ln 2 once). Kept out of line (as is the accurate pass): each
-// instance's loop is compiled on its own.
+// Pass 2 over the row (its buffers, or its inputs: Logits): the exponentials and their sums.
+// kHard adds the hard term, kKeep stores the exponentials for the gradient pass, and kPow > 0
+// says T == kPow: the hard term's exp(ds) is then a power of exp(ds / T) instead of a third
+// exponential, and is not stored (the gradient pass squares again rather than reading a third
+// buffer back). Each combination is its own branch-free loop. The differences dz, du are in
+// log2 units (the one-pass sum too, scaled back by ln 2 once). Kept out of line (as is the
+// accurate pass): each instance's loop is compiled on its own.
 template <bool kHard, bool kKeep, typename Div, int kPow, typename Logits, typename Acc>
 [[gnu::noinline]] RowSums<Acc> exp_pass(const Logits& in, const RowBuffers<Acc>& b,
                                         const NextRow& next, int64_t C, Acc m_z, Acc m_s,
@@ -889,14 +890,15 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
 
   // Pass 1, then the exponential pass (every row from here takes the soft term: row_role).
   const int power = temperature_power<Acc>(a, role.hard);
-  Acc m_s, m_z, s_y;
+  Acc m_s = 0, m_z = 0, s_y = 0;
   auto exponentials = [&](const auto& logits) {
     return role.hard ? exp_pass<true>(a, keep, power, logits, b, next, m_z, m_s, inv_t)
                      : exp_pass<false>(a, keep, power, logits, b, next, m_z, m_s, inv_t);
   };
   RowSums<Acc> r;
   bool read_inputs = false;
-  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<S, Tt>) {
+  // float32 and bfloat16 rows (half is widened per element without AVX-512: not twice).
+  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<S, Tt> && !std::is_same_v<S, Half>) {
     if (a.num_teachers == 1 && C <= kInputLogitsMaxClasses) {  // see InputLogits
       const Tt* t = static_cast<const Tt*>(a.teachers[0]) + i * a.teacher_row_strides[0];
       const float ref = row_reference<float>(t);

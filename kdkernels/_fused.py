@@ -163,7 +163,9 @@ def _option_arguments(ext, options: tuple, weights: tuple[float, ...]) -> tuple:
     )
 
 
-_SCALARS = {dtype: torch.empty((), dtype=dtype) for dtype in (torch.float32, torch.float64)}
+# The CPU kernel's summed loss is a copy of one of these (explicitly on the CPU: torch.empty
+# follows torch.set_default_device, empty_like its template).
+_SCALARS = {t: torch.empty((), dtype=t, device="cpu") for t in (torch.float32, torch.float64)}
 
 
 def kernel_arguments(

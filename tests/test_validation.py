@@ -1,6 +1,8 @@
 """Every bad input of docs/DESIGN.md section 2 raises TypeError or ValueError naming the problem."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -339,3 +341,29 @@ def test_an_unhashable_option_gets_the_validation_error_alone():
     with pytest.raises(TypeError, match="temperature must be a real number") as raised:
         kd.distillation_loss(torch.randn(3, 5), torch.randn(3, 5), temperature=[4.0])
     assert raised.value.__context__ is None
+
+
+def test_cpu_outputs_ignore_the_default_device():
+    """A default device in force while kdkernels is imported (torch.set_default_device) does not
+    move the CPU kernel's outputs later: they follow the inputs (the summed loss, which the CPU
+    kernel writes through its pointer, was once copied from a tensor made at import)."""
+    code = """
+import torch
+torch.set_default_device("meta")
+import kdkernels as kd
+torch.set_default_device(None)  # (while one is set, calls take the registered op's path)
+gen = torch.Generator().manual_seed(0)
+s = torch.randn(5, 7, generator=gen, device="cpu").requires_grad_(True)
+t = torch.randn(5, 7, generator=gen, device="cpu")
+y = torch.tensor([0, 1, 2, 3, 6], device="cpu")
+loss = kd.distillation_loss(s, t, y)
+loss.backward()
+r = s.detach().double().requires_grad_(True)
+ref = kd.kd_loss_reference(r, [t.double()], y)
+ref.backward()
+assert loss.device.type == "cpu" and abs(loss.item() - ref.item()) < 1e-5, (loss, ref)
+assert torch.allclose(s.grad.double(), r.grad, rtol=1e-4, atol=1e-6)
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
