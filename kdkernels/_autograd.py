@@ -79,8 +79,7 @@ def _student_gradient(ctx, grad_loss: Tensor | None) -> Tensor | None:
     (grad,) = saved_gradients(ctx)
     if grad_loss is None:  # the loss itself received no gradient
         return None
-    scale = grad_loss.unsqueeze(1) if grad_loss.dim() == 1 else grad_loss
-    return scale_saved_gradient(grad, scale, grad_loss)
+    return scale_saved_gradient(grad, grad_loss)
 
 
 def _backward(ctx, grad_loss: Tensor | None, _unused: Tensor | None):
@@ -88,14 +87,15 @@ def _backward(ctx, grad_loss: Tensor | None, _unused: Tensor | None):
     return (grad, ctx.teacher_grads) + (None,) * (3 + len(OpOptions._fields))
 
 
-def scale_saved_gradient(grad: Tensor, scale: Tensor, grad_output: Tensor) -> Tensor:
-    """grad * scale for a gradient a forward pass saved (every fused op's, the hidden-state
-    op's), `scale` being the op's `grad_output` shaped to broadcast. Traced (torch.compile, AOT)
-    or under allow_repeated_backward(): the functional form. Eager: the saved gradient is ours
-    alone, so it is scaled in place (no new buffer), or not at all on the CPU when grad_output
-    is 1 (_is_one: a free read there). Either way its version moves
-    on, so a later backward through the graph (retain_graph=True) raises _SCALED_ALREADY
+def scale_saved_gradient(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """grad times grad_output for a gradient a forward pass saved (every fused op's, the
+    hidden-state op's): a 0-dim grad_output scales all of it, an [N] one (per-row losses) each
+    row. Traced (torch.compile, AOT) or under allow_repeated_backward(): the functional form.
+    Eager: the saved gradient is ours alone, so it is scaled in place (no new buffer), or not at
+    all on the CPU when grad_output is 1 (_is_one: a free read there). Either way its version
+    moves on, so a later backward through the graph (retain_graph=True) raises _SCALED_ALREADY
     instead of scaling a tensor already handed out as a gradient (a leaf's .grad)."""
+    scale = grad_output.unsqueeze(1) if grad_output.dim() == 1 else grad_output
     if type(grad) is not torch.Tensor or torch.compiler.is_compiling() or _repeat_backward:
         return grad * scale
     if grad.is_cpu and _is_one(grad_output):

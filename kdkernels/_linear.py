@@ -264,8 +264,7 @@ def _backward(ctx, grad_loss: Tensor | None, *_unused):
         )
     else:
         grads = [
-            _autograd.scale_saved_gradient(g, grad_loss, grad_loss)
-            for g in _autograd.saved_gradients(ctx)
+            _autograd.scale_saved_gradient(g, grad_loss) for g in _autograd.saved_gradients(ctx)
         ]
     grads = [g if need else None for g, need in zip(grads, ctx.needs_grad, strict=True)]
     return (*grads, *nothing[3:])

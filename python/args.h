@@ -88,8 +88,8 @@ inline void bind_args(py::module_& m) {
         py::arg("num_classes"), py::arg("row_loss"), py::arg("sum_rows"), py::arg("grad"),
         py::arg("num_threads"), py::arg("teacher_weights"), py::arg("ignore_index"),
         py::arg("unlabeled_index"), py::arg("temperature"), py::arg("soft_weight"),
-        py::arg("hard_weight"),        py::arg("scale_soft_by_t2"), py::arg("ensemble"), py::arg("soft_loss"), py::arg("beta"),
-        py::arg("reduction"),
+        py::arg("hard_weight"), py::arg("scale_soft_by_t2"), py::arg("ensemble"),
+        py::arg("soft_loss"), py::arg("beta"), py::arg("reduction"),
         "Build and check the kernel argument struct from raw pointers and options.");
 }
 
