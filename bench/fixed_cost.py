@@ -18,7 +18,7 @@ import torch
 
 import kdkernels as kd
 from kdkernels import _C
-from kdkernels._fused import OpOptions, kernel_arguments
+from kdkernels._fused import OpOptions, run_cpu_kernel
 from kdkernels._validate import Options
 
 
@@ -41,16 +41,14 @@ class _KernelOnly(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, labels):
-        arguments, loss, grad = kernel_arguments(
+        loss, ctx.gradient = run_cpu_kernel(
             _C, student, [teacher], labels, None, [1.0], _OPTIONS, sum_rows=True
         )
-        _C.run_cpu(*arguments)
-        ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # 1.0 here (.backward() of the loss): the gradient as saved
-        (grad,) = ctx.saved_tensors
+        grad, ctx.gradient = ctx.gradient, None
         return grad, None, None
 
 

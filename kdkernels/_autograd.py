@@ -71,11 +71,14 @@ def saved_gradients(ctx) -> tuple[Tensor, ...]:
         raise RuntimeError(_SCALED_ALREADY) from None
 
 
+_DOUBLE_BACKWARD = "kdkernels: double backward (create_graph=True) is not supported"
+
+
 def _student_gradient(ctx, grad_loss: Tensor | None) -> Tensor | None:
     """The saved gradient times grad_loss: the gradient of the row losses [N], or of their sum
     (a 0-dim tensor) when the eager path reduced them in forward."""
     if torch.is_grad_enabled():
-        raise RuntimeError("kdkernels: double backward (create_graph=True) is not supported")
+        raise RuntimeError(_DOUBLE_BACKWARD)
     (grad,) = saved_gradients(ctx)
     if grad_loss is None:  # the loss itself received no gradient
         return None
@@ -87,22 +90,31 @@ def _backward(ctx, grad_loss: Tensor | None, _unused: Tensor | None):
     return (grad, ctx.teacher_grads) + (None,) * (3 + len(OpOptions._fields))
 
 
-def scale_saved_gradient(grad: Tensor, grad_output: Tensor) -> Tensor:
-    """grad times grad_output for a gradient a forward pass saved (every fused op's, the
-    hidden-state op's): a 0-dim grad_output scales all of it, an [N] one (per-row losses) each
-    row. Traced (torch.compile, AOT) or under allow_repeated_backward(): the functional form.
-    Eager: the saved gradient is ours alone, so it is scaled in place (no new buffer), or not at
-    all on the CPU when grad_output is 1 (_is_one: a free read there). Either way its version
-    moves on, so a later backward through the graph (retain_graph=True) raises _SCALED_ALREADY
-    instead of scaling a tensor already handed out as a gradient (a leaf's .grad)."""
-    scale = grad_output.unsqueeze(1) if grad_output.dim() == 1 else grad_output
-    if type(grad) is not torch.Tensor or torch.compiler.is_compiling() or _repeat_backward:
-        return grad * scale
-    if grad.is_cpu and _is_one(grad_output):
-        torch.autograd.graph.increment_version(grad)
-    else:
-        grad.mul_(scale)
+def _row_scale(grad_output: Tensor) -> Tensor:
+    """grad_output shaped to scale a gradient [N, C]: a 0-dim one all of it, an [N] one (per-row
+    losses) each row."""
+    return grad_output.unsqueeze(1) if grad_output.dim() == 1 else grad_output
+
+
+def _scaled_in_place(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """grad times grad_output in place (no new buffer), or grad as it is on the CPU when
+    grad_output is 1 (_is_one: a free read there)."""
+    if not (grad.is_cpu and _is_one(grad_output)):
+        grad.mul_(_row_scale(grad_output))
     return grad
+
+
+def scale_saved_gradient(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """grad times grad_output for a gradient a forward pass saved with save_for_backward (the
+    registered fused ops', the hidden-state op's). Traced (torch.compile, AOT) or under
+    allow_repeated_backward(): the functional form. Eager: the saved gradient is ours alone, so
+    it is scaled in place (_scaled_in_place) and its version moves on, so a later backward
+    through the graph (retain_graph=True) raises _SCALED_ALREADY instead of scaling a tensor
+    already handed out as a gradient (a leaf's .grad)."""
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling() or _repeat_backward:
+        return grad * _row_scale(grad_output)
+    torch.autograd.graph.increment_version(grad)
+    return _scaled_in_place(grad, grad_output)
 
 
 _registered: set[int] = set()
@@ -144,22 +156,38 @@ class _EagerFused(torch.autograd.Function):
     # forward takes ctx (no separate setup_context): apply() then skips binding the arguments
     # with inspect.signature, which alone costs tens of microseconds. Everything but the student
     # comes as one tuple (kernel, reduce, the op's other arguments): apply() inspects each
-    # argument it is given. The gradient is saved, not returned as the op returns it: one output
+    # argument it is given. The gradient is kept, not returned as the op returns it: one output
     # less to wrap (about 3 us a call).
     @staticmethod
     def forward(ctx, student, call):
         # reduce: the CPU kernel sums the rows itself (one tensor and one op less); the others
         # return the rows.
         kernel, reduce, other_arguments = call
-        loss, grad = kernel(student, *other_arguments, sum_rows=reduce)
-        ctx.save_for_backward(grad)
+        loss, ctx.gradient = kernel(student, *other_arguments, sum_rows=reduce)
         return _summed(loss, reduce)
 
     @staticmethod
     def backward(ctx, grad_loss):
         # One output, so autograd materialises a missing grad_loss as zeros (the student's
         # gradient is then 0, as for any op); the registered op's None path is _backward's.
-        return _student_gradient(ctx, grad_loss), None
+        return _handed_out_gradient(ctx, grad_loss), None
+
+
+def _handed_out_gradient(ctx, grad_loss: Tensor) -> Tensor:
+    """_EagerFused's gradient times grad_loss. The gradient is an attribute of ctx rather than a
+    saved tensor: it is neither an input nor an output (so no reference cycle), and nothing
+    traces this path. The first backward takes it, scaled in place (ctx keeps no reference, so
+    autograd hands the buffer itself to a leaf's .grad, and a second backward through the graph
+    finds it gone); under allow_repeated_backward() it stays, scaled into a copy each time."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(_DOUBLE_BACKWARD)
+    grad = ctx.gradient
+    if grad is None:
+        raise RuntimeError(_SCALED_ALREADY)
+    if _repeat_backward:
+        return grad * _row_scale(grad_loss)
+    ctx.gradient = None
+    return _scaled_in_place(grad, grad_loss)
 
 
 def register_fused_op(op) -> None:

@@ -131,15 +131,18 @@ def _dtype_codes(ext) -> dict[torch.dtype, int]:
     return {getattr(torch, name): code for name, code in ext.DTYPE_CODES.items()}
 
 
-# make_args' parameters in order: each call's pointers, strides and sizes, then the options.
-MAKE_ARGS_NAMES = (
+# make_args' parameters in order: each call's pointers, strides and sizes (run_cpu's after its
+# kernel_options object), then the options (kernel_options' parameters).
+CALL_ARGUMENT_NAMES = (
     *("student", "student_row_stride", "student_dtype", "teachers", "teacher_row_strides"),
     *("teacher_dtype", "labels", "row_counts", "num_rows", "num_classes", "row_loss", "sum_rows"),
-    "grad",
-    *("num_threads", "teacher_weights", "ignore_index", "unlabeled_index", "temperature"),
-    *("soft_weight", "hard_weight", "scale_soft_by_t2", "ensemble", "soft_loss", "beta"),
-    "reduction",
+    *("grad", "num_threads"),
 )
+OPTION_ARGUMENT_NAMES = (
+    *("teacher_weights", "ignore_index", "unlabeled_index", "temperature", "soft_weight"),
+    *("hard_weight", "scale_soft_by_t2", "ensemble", "soft_loss", "beta", "reduction"),
+)
+MAKE_ARGS_NAMES = CALL_ARGUMENT_NAMES + OPTION_ARGUMENT_NAMES
 
 
 @functools.lru_cache(maxsize=256)
@@ -163,9 +166,63 @@ def _option_arguments(ext, options: tuple, weights: tuple[float, ...]) -> tuple:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _kernel_options(ext, options: tuple, weights: tuple[float, ...]):
+    """The extension's kernel_options object for these options: converted to C++ once, not on
+    every call (a small batch's step passed 11 option values to run_cpu: about 0.5 us)."""
+    return ext.kernel_options(*_option_arguments(ext, options, weights))
+
+
 # The CPU kernel's summed loss is a copy of one of these (explicitly on the CPU: torch.empty
 # follows torch.set_default_device, empty_like its template).
 _SCALARS = {t: torch.empty((), dtype=t, device="cpu") for t in (torch.float32, torch.float64)}
+
+
+def call_arguments(
+    ext,
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    num_items: Tensor | None,
+    compute_grad: bool,
+    sum_rows: bool = False,
+) -> tuple[tuple, Tensor, Tensor]:
+    """The first arguments of `make_args` (MAKE_ARGS_NAMES: each call's pointers, strides and
+    sizes) for one call of a fused C++ op of the extension `ext` on inputs that passed
+    check_op_inputs (or validation), and the outputs they point into: per-row losses [N] (with
+    `sum_rows`, their sum: 0-dim; the CPU kernel only) and, if compute_grad, the gradient
+    [N, C] (else an empty tensor)."""
+    n, c = student.shape
+    dtype = loss_dtype(student)
+    if sum_rows:  # the CPU kernel's one value: a copy of a 0-dim CPU tensor's shape and dtype
+        row_loss = torch.empty_like(_SCALARS[dtype])  # (no shape or dtype to parse: 0.4 us less)
+    elif student.dtype == dtype:  # new_empty's dtype keyword alone costs microseconds
+        row_loss = student.new_empty((n,))
+    else:
+        row_loss = student.new_empty((n,), dtype=dtype)
+    grad = new_gradient(student) if compute_grad else student.new_empty((0,))
+    codes = _dtype_codes(ext)
+    if len(teachers) == 1:  # a list comprehension costs a function call
+        pointers, strides = [teachers[0].data_ptr()], [teachers[0].stride(0)]
+    else:
+        pointers, strides = [t.data_ptr() for t in teachers], [t.stride(0) for t in teachers]
+    arguments = (
+        student.data_ptr(),
+        student.stride(0),
+        codes[student.dtype],
+        pointers,
+        strides,
+        codes[teachers[0].dtype],
+        0 if labels is None else labels.data_ptr(),
+        0 if num_items is None else num_items.data_ptr(),
+        n,
+        c,
+        row_loss.data_ptr(),
+        sum_rows,
+        grad.data_ptr() if compute_grad else 0,
+        torch.get_num_threads(),
+    )
+    return arguments, row_loss, grad
 
 
 def kernel_arguments(
@@ -178,41 +235,31 @@ def kernel_arguments(
     options: tuple,
     sum_rows: bool = False,
 ) -> tuple[tuple, Tensor, Tensor]:
-    """The positional arguments of `make_args` (MAKE_ARGS_NAMES) for one call of a fused C++ op
-    of the extension `ext` on inputs that passed check_op_inputs (or validation), and the
-    outputs they point into: per-row losses [N] (with `sum_rows`, their sum: 0-dim; the CPU
-    kernel only) and, if compute_grad, the gradient [N, C] (else an empty tensor). `options`:
-    OpOptions' values in order, as the op takes them (an OpOptions or the op's plain tuple: a
-    small batch's call does not build the named tuple)."""
-    n, c = student.shape
-    compute_grad = options[-1]
-    dtype = loss_dtype(student)
-    if sum_rows:  # the CPU kernel's one value: a copy of a 0-dim CPU tensor's shape and dtype
-        row_loss = torch.empty_like(_SCALARS[dtype])  # (no shape or dtype to parse: 0.4 us less)
-    elif student.dtype == dtype:  # new_empty's dtype keyword alone costs microseconds
-        row_loss = student.new_empty((n,))
-    else:
-        row_loss = student.new_empty((n,), dtype=dtype)
-    grad = new_gradient(student) if compute_grad else student.new_empty((0,))
-    codes = _dtype_codes(ext)
-    arguments = (
-        student.data_ptr(),
-        student.stride(0),
-        codes[student.dtype],
-        [t.data_ptr() for t in teachers],
-        [t.stride(0) for t in teachers],
-        codes[teachers[0].dtype],
-        0 if labels is None else labels.data_ptr(),
-        0 if num_items is None else num_items.data_ptr(),
-        n,
-        c,
-        row_loss.data_ptr(),
-        sum_rows,
-        grad.data_ptr() if compute_grad else 0,
-        torch.get_num_threads(),
-        *_option_arguments(ext, tuple(options), tuple(weights)),
+    """All the positional arguments of `make_args` (MAKE_ARGS_NAMES), and the outputs of
+    call_arguments. `options`: OpOptions' values in order, as the op takes them."""
+    arguments, row_loss, grad = call_arguments(
+        ext, student, teachers, labels, num_items, options[-1], sum_rows
     )
-    return arguments, row_loss, grad
+    return arguments + _option_arguments(ext, tuple(options), tuple(weights)), row_loss, grad
+
+
+def run_cpu_kernel(
+    ext,
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    num_items: Tensor | None,
+    weights,
+    options: tuple,
+    sum_rows: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The CPU kernel on inputs that passed check_op_inputs (or validation): the outputs of
+    call_arguments, written."""
+    arguments, row_loss, grad = call_arguments(
+        ext, student, teachers, labels, num_items, options[-1], sum_rows
+    )
+    ext.run_cpu(_kernel_options(ext, tuple(options), tuple(weights)), *arguments)
+    return row_loss, grad
 
 
 def fused_fake(

@@ -15,6 +15,7 @@ from ._fused import (
     checked_op_impl,
     kernel_arguments,
     kernel_dtypes,
+    run_cpu_kernel,
 )
 from ._validate import Problem
 
@@ -34,19 +35,18 @@ def _fused_kd_kernel(
     ext, why = load_extension()
     if ext is None:
         raise RuntimeError(why)
-    if not (student.is_cpu or student.is_cuda):
+    if student.is_cpu:
+        return run_cpu_kernel(ext, student, teachers, labels, num_items, weights, options, sum_rows)
+    if not student.is_cuda:
         raise ValueError(f"kdkernels::fused_kd serves CPU and CUDA tensors, not {student.device}")
     arguments, row_loss, grad = kernel_arguments(
-        ext, student, teachers, labels, num_items, weights, options, sum_rows and student.is_cpu
+        ext, student, teachers, labels, num_items, weights, options
     )
-    if student.is_cuda:
-        # Two int64 of device memory for the valid-row counts; the kernel never syncs the host.
-        workspace = torch.empty(2, dtype=torch.int64, device=student.device)
-        stream = torch.cuda.current_stream(student.device).cuda_stream
-        args = ext.make_args(*arguments)
-        ext.forward_cuda(args, stream, student.device.index, workspace.data_ptr())
-    else:
-        ext.run_cpu(*arguments)
+    # Two int64 of device memory for the valid-row counts; the kernel never syncs the host.
+    workspace = torch.empty(2, dtype=torch.int64, device=student.device)
+    stream = torch.cuda.current_stream(student.device).cuda_stream
+    args = ext.make_args(*arguments)
+    ext.forward_cuda(args, stream, student.device.index, workspace.data_ptr())
     return row_loss, grad
 
 

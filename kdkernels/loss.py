@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from . import _backends
+from ._eager_cpu import eager_cpu_loss
 from ._validate import (
     OPTION_NAMES,
     Options,
@@ -106,6 +107,10 @@ def distillation_loss(
             reduction,
         )
     )
+    if backend in ("auto", "cpu") and teacher_weights is None and num_items_in_batch is None:
+        loss = eager_cpu_loss(student_logits, teacher_logits, labels, options)
+        if loss is not None:
+            return loss
     backend = _choice("backend", backend, _backends.NAMES)
     problem = validate(
         student_logits, teacher_logits, labels, teacher_weights, options, num_items_in_batch

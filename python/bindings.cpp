@@ -53,11 +53,11 @@ void forward_cpu(const kd::KDArgs& a) {
   kd::kd_forward_cpu(a);
 }
 
-// make_args then forward_cpu, as one call taking make_args' arguments: what the eager path of a
-// small batch calls, with no KDArgs Python object (a heap copy of the 2 KB struct) in between.
+// forward_cpu(with_call(options, ...)): what the eager path of a small batch calls, with its
+// options converted once (kernel_options) and no KDArgs Python object per call.
 template <typename... Args>
-auto make_and_forward_cpu(kd::KDArgs (*make)(Args...)) {
-  return [make](Args... args) { forward_cpu(make(args...)); };
+auto forward_cpu_with(kd::KDArgs (*with_call)(const kd::KDArgs&, Args...)) {
+  return [with_call](const kd::KDArgs& options, Args... args) { forward_cpu(with_call(options, args...)); };
 }
 
 #ifdef KDKERNELS_WITH_CUDA
@@ -127,8 +127,9 @@ PYBIND11_MODULE(_C, m) {
   kd_python::bind_args(m);
   m.def("forward_cpu", &forward_cpu, py::arg("args"),
         "Run the fused CPU kernel: per-row losses and, if grad is set, the gradient.");
-  m.def("run_cpu", make_and_forward_cpu(&kd_python::make_args),
-        "forward_cpu(make_args(*arguments)) in one call (make_args' arguments, positionally).");
+  m.def("run_cpu", forward_cpu_with(&kd_python::with_call),
+        "Run the fused CPU kernel on kernel_options(...) with one call's pointers, strides and "
+        "sizes (make_args' first 14 arguments, positionally).");
   // The enum codes of kd_args.h by name: the Python side passes these, never positions in a tuple.
   using namespace pybind11::literals;
   m.attr("DTYPE_CODES") = py::dict("float32"_a = int(kd::DType::kFloat32), "float16"_a = int(kd::DType::kFloat16),

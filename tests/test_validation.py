@@ -10,7 +10,7 @@ from kernel_args import raw_kernel_args
 
 import kdkernels as kd
 from kdkernels import _C
-from kdkernels._fused import MAKE_ARGS_NAMES
+from kdkernels._fused import CALL_ARGUMENT_NAMES, OPTION_ARGUMENT_NAMES
 
 N, C = 4, 10
 
@@ -205,6 +205,13 @@ RAW_BAD = [
 ]
 
 
+def _run_cpu(args: dict) -> None:
+    """The eager path's entry: the options converted once (kernel_options), then run_cpu with
+    them and the call's own arguments."""
+    options = _C.kernel_options(*(args[name] for name in OPTION_ARGUMENT_NAMES))
+    _C.run_cpu(options, *(args[name] for name in CALL_ARGUMENT_NAMES))
+
+
 @pytest.mark.parametrize(("change", "words"), RAW_BAD, ids=[b[1] for b in RAW_BAD])
 def test_extension_boundary_refuses_unsafe_arguments(change, words):
     """The C++ side trusts nothing: a bad struct is a ValueError, never a crash."""
@@ -212,7 +219,7 @@ def test_extension_boundary_refuses_unsafe_arguments(change, words):
     with pytest.raises(ValueError, match=words.replace("[", r"\[")):
         _C.make_args(**args)
     with pytest.raises(ValueError, match=words.replace("[", r"\[")):  # the eager path's entry
-        _C.run_cpu(*(args[name] for name in MAKE_ARGS_NAMES))
+        _run_cpu(args)
 
 
 def test_extension_boundary_accepts_good_arguments():
@@ -222,7 +229,7 @@ def test_extension_boundary_accepts_good_arguments():
     assert abs(row_loss.sum().item() - ref.item()) < 1e-4 * abs(ref.item())
     first = row_loss.clone()
     row_loss.fill_(float("nan"))
-    _C.run_cpu(*(args[name] for name in MAKE_ARGS_NAMES))  # make_args and forward_cpu in one
+    _run_cpu(args)
     assert torch.equal(row_loss, first)
 
 
