@@ -17,7 +17,6 @@ import time
 import torch
 
 import kdkernels as kd
-from kdkernels import _C
 from kdkernels._fused import OpOptions, run_cpu_kernel
 from kdkernels._validate import Options
 
@@ -42,7 +41,7 @@ class _KernelOnly(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels):
         loss, ctx.gradient = run_cpu_kernel(
-            _C, student, [teacher], labels, None, [1.0], _OPTIONS, sum_rows=True
+            student, [teacher], labels, None, [1.0], *_OPTIONS, sum_rows=True
         )
         return loss
 

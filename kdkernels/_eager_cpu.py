@@ -11,13 +11,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import _EagerFused
+from ._autograd import apply_eager_fused
 from ._backends import MAX_TEACHERS, missing
 from ._extension import load_extension
-from ._ops import _fused_kd_kernel
+from ._fused import run_cpu_kernel
 from ._validate import Options
 
 _KERNEL_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+_is_compiling = torch.compiler.is_compiling
+_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+_forward_ad = torch.autograd.forward_ad
 
 
 def _plain(x: object, shape: torch.Size, dtype: torch.dtype) -> bool:
@@ -25,10 +30,10 @@ def _plain(x: object, shape: torch.Size, dtype: torch.dtype) -> bool:
     return (
         type(x) is Tensor
         and x.dtype == dtype
-        and x.shape == shape
         and x.is_cpu
-        and x.is_contiguous()
         and not x.requires_grad
+        and x.is_contiguous()
+        and x.shape == shape
     )
 
 
@@ -38,38 +43,56 @@ def eager_cpu_loss(
     """The loss, computed as the general path would compute it, or None where this path does
     not apply (the caller then takes the general path)."""
     if (
-        options.reduction == "none"
+        _is_compiling()  # first: Dynamo traces no further
         or type(student) is not Tensor
         or not student.is_cpu
         or student.dim() != 2
         or student.dtype not in _KERNEL_DTYPES
         or not student.is_contiguous()
-        or torch.compiler.is_compiling()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or torch.autograd.forward_ad._current_level >= 0
+        or options.reduction == "none"
+        or _function_mode()
+        or _dispatch_modes() > 0
+        or _functorch_level() is not None
+        or _forward_ad._current_level >= 0
+        or missing("cpu") is not None
     ):
         return None
     shape, dtype = student.shape, student.dtype
     n, c = shape
-    teachers = [teacher_logits] if type(teacher_logits) is Tensor else teacher_logits
-    if (
-        c == 0
-        or type(teachers) not in (list, tuple)
-        or not 0 < len(teachers) <= MAX_TEACHERS
-        or not all(_plain(t, shape, dtype) for t in teachers)
-        or missing("cpu") is not None
+    if c == 0:
+        return None
+    if type(teacher_logits) is Tensor:
+        if not _plain(teacher_logits, shape, dtype):
+            return None
+        teachers = [teacher_logits]
+    elif type(teacher_logits) is list or type(teacher_logits) is tuple:
+        teachers = teacher_logits
+        if not 0 < len(teachers) <= MAX_TEACHERS:
+            return None
+        for t in teachers:
+            if not _plain(t, shape, dtype):
+                return None
+    else:
+        return None
+    if labels is not None and not (
+        type(labels) is Tensor
+        and labels.dtype == torch.int64
+        and labels.is_cpu
+        and labels.dim() == 1
+        and labels.is_contiguous()
+        and labels.shape[0] == n
+        # else ignore_index, unlabeled_index, or an error to word
+        and (n == 0 or load_extension()[0].labels_in_range(labels.data_ptr(), n, c))
     ):
         return None
-    if labels is not None:
-        if not _plain(labels, shape[:1], torch.int64):
-            return None
-        if n > 0 and not load_extension()[0].labels_in_range(labels.data_ptr(), n, c):
-            return None  # ignore_index, unlabeled_index, or an error to word
     m = len(teachers)
+    weights = _UNIFORM[m] if m < len(_UNIFORM) else (1.0 / m,) * m
     compute_grad = student.requires_grad and torch.is_grad_enabled()
-    arguments = (teachers, labels, None, [1.0 / m] * m, *options.values, compute_grad)
+    arguments = (teachers, labels, None, weights, *options.values, compute_grad)
     if compute_grad:
-        return _EagerFused.apply(student, (_fused_kd_kernel, True, arguments))
-    return _fused_kd_kernel(student, *arguments, sum_rows=True)[0]
+        return apply_eager_fused(student, (run_cpu_kernel, True, arguments))
+    return run_cpu_kernel(student, *arguments, sum_rows=True)[0]
+
+
+# The teacher weights of M = 1..8 teachers, at index M.
+_UNIFORM = [(), *((1.0 / m,) * m for m in range(1, 9))]

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._extension import load_extension
 from ._gradient_buffers import new_gradient
 from ._validate import DEFAULT_BETA, Options, Problem
 
@@ -244,21 +245,21 @@ def kernel_arguments(
 
 
 def run_cpu_kernel(
-    ext,
     student: Tensor,
     teachers: list[Tensor],
     labels: Tensor | None,
     num_items: Tensor | None,
     weights,
-    options: tuple,
+    *options,
     sum_rows: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The CPU kernel on inputs that passed check_op_inputs (or validation): the outputs of
-    call_arguments, written."""
+    """The CPU kernel on inputs that passed check_op_inputs (or validation), with the fused
+    ops' kernel signature (OpOptions' values last): the outputs of call_arguments, written."""
+    ext = load_extension()[0]
     arguments, row_loss, grad = call_arguments(
         ext, student, teachers, labels, num_items, options[-1], sum_rows
     )
-    ext.run_cpu(_kernel_options(ext, tuple(options), tuple(weights)), *arguments)
+    ext.run_cpu(_kernel_options(ext, options, tuple(weights)), *arguments)
     return row_loss, grad
 
 

@@ -36,7 +36,9 @@ def _fused_kd_kernel(
     if ext is None:
         raise RuntimeError(why)
     if student.is_cpu:
-        return run_cpu_kernel(ext, student, teachers, labels, num_items, weights, options, sum_rows)
+        return run_cpu_kernel(
+            student, teachers, labels, num_items, weights, *options, sum_rows=sum_rows
+        )
     if not student.is_cuda:
         raise ValueError(f"kdkernels::fused_kd serves CPU and CUDA tensors, not {student.device}")
     arguments, row_loss, grad = kernel_arguments(

@@ -107,6 +107,27 @@ def distillation_loss(
             reduction,
         )
     )
+    return _loss(
+        student_logits,
+        teacher_logits,
+        labels,
+        options,
+        teacher_weights,
+        num_items_in_batch,
+        backend,
+    )
+
+
+def _loss(
+    student_logits: object,
+    teacher_logits: object,
+    labels: object,
+    options: Options,
+    teacher_weights: object,
+    num_items_in_batch: object,
+    backend: object,
+) -> Tensor:
+    """distillation_loss on checked options (the function's, or a DistillationLoss's own)."""
     if backend in ("auto", "cpu") and teacher_weights is None and num_items_in_batch is None:
         loss = eager_cpu_loss(student_logits, teacher_logits, labels, options)
         if loss is not None:
@@ -162,14 +183,14 @@ class DistillationLoss(nn.Module):
         labels: Tensor | None = None,
         num_items_in_batch: int | Tensor | tuple[int | Tensor, int | Tensor] | None = None,
     ) -> Tensor:
-        return distillation_loss(
+        return _loss(
             student_logits,
             teacher_logits,
             labels,
-            num_items_in_batch=num_items_in_batch,
-            teacher_weights=self.teacher_weights,
-            backend=self.backend,
-            **self._options.as_dict(),
+            self._options,
+            self.teacher_weights,
+            num_items_in_batch,
+            self.backend,
         )
 
     def extra_repr(self) -> str:
