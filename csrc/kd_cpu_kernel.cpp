@@ -999,19 +999,25 @@ void run(const KDArgs& a) {
   std::vector<Loss<Acc>> kept_rows(a.sum_rows ? static_cast<size_t>(N) : 0);
   Loss<Acc>* rows = a.sum_rows ? kept_rows.data() : static_cast<Loss<Acc>*>(a.row_loss);
 
-#pragma omp parallel num_threads(threads)
-  {
-#ifdef _OPENMP
-    const int64_t tid = omp_get_thread_num();
-#else
-    const int64_t tid = 0;
-#endif
+  const auto rows_of_this_thread = [&](int64_t tid) {
     Acc* w = workspace.data() + tid * 4 * Cp;
     const RowBuffers<Acc> b{w, w + Cp, w + 2 * Cp, w + 3 * Cp};
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < N; ++i) kd_row<S, Tt, Acc>(a, i, scales, b, rows);
     fence_streaming_stores();
+  };
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    rows_of_this_thread(omp_get_thread_num());
+  } else {
+    // No parallel region for one thread (entering one costs more than a short row): the
+    // orphaned omp for above then runs every row on this thread.
+    rows_of_this_thread(0);
   }
+#else
+  rows_of_this_thread(0);
+#endif
   if (a.sum_rows) *static_cast<Loss<Acc>*>(a.row_loss) = sum_in_order(kept_rows);
 }
 
