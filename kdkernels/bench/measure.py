@@ -3,6 +3,7 @@ in the same run, peak memory in a fresh process, and `run` over a grid of cases.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -52,6 +53,10 @@ def training_step(fn, case: Case, device: str = "cpu") -> tuple[Callable[[], Ten
 def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5):
     """Median seconds of one call (forward, and backward when case.backward), and the loss."""
     once, _ = training_step(fn, case, device)
+    # What the previous provider left for the garbage collector (torch.compile leaves a lot)
+    # is collected now, not during this provider's timing: the first case's kdkernels row
+    # took 64 us at N=1 C=10 right after compiling, 43 us a case later.
+    gc.collect()
     return median_time(once, device, repeats)
 
 
