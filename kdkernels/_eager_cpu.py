@@ -25,18 +25,6 @@ _functorch_level = torch._C._functorch.peek_interpreter_stack
 _forward_ad = torch.autograd.forward_ad
 
 
-def _plain(x: object, shape: torch.Size, dtype: torch.dtype) -> bool:
-    """x is a plain contiguous CPU tensor of this shape and dtype that needs no gradient."""
-    return (
-        type(x) is Tensor
-        and x.dtype == dtype
-        and x.is_cpu
-        and not x.requires_grad
-        and x.is_contiguous()
-        and x.shape == shape
-    )
-
-
 def eager_cpu_loss(
     student: object, teacher_logits: object, labels: object, options: Options
 ) -> Tensor | None:
@@ -62,18 +50,21 @@ def eager_cpu_loss(
     if c == 0:
         return None
     if type(teacher_logits) is Tensor:
-        if not _plain(teacher_logits, shape, dtype):
-            return None
         teachers = [teacher_logits]
-    elif type(teacher_logits) is list or type(teacher_logits) is tuple:
+    elif type(teacher_logits) in (list, tuple) and 0 < len(teacher_logits) <= MAX_TEACHERS:
         teachers = teacher_logits
-        if not 0 < len(teachers) <= MAX_TEACHERS:
-            return None
-        for t in teachers:
-            if not _plain(t, shape, dtype):
-                return None
     else:
         return None
+    for t in teachers:  # plain contiguous CPU tensors like the student, needing no gradient
+        if not (
+            type(t) is Tensor
+            and t.dtype == dtype
+            and t.is_cpu
+            and not t.requires_grad
+            and t.is_contiguous()
+            and t.shape == shape
+        ):
+            return None
     if labels is not None and not (
         type(labels) is Tensor
         and labels.dtype == torch.int64

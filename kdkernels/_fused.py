@@ -203,13 +203,15 @@ def call_arguments(
         row_loss = student.new_empty((n,), dtype=dtype)
     grad = new_gradient(student) if compute_grad else student.new_empty((0,))
     codes = _dtype_codes(ext)
-    if len(teachers) == 1:  # a list comprehension costs a function call
-        pointers, strides = [teachers[0].data_ptr()], [teachers[0].stride(0)]
+    # stride()[0]: 0.07 us less than stride(0), which parses its argument. One teacher without
+    # a list comprehension, which costs a function call.
+    if len(teachers) == 1:
+        pointers, strides = [teachers[0].data_ptr()], [teachers[0].stride()[0]]
     else:
-        pointers, strides = [t.data_ptr() for t in teachers], [t.stride(0) for t in teachers]
+        pointers, strides = [t.data_ptr() for t in teachers], [t.stride()[0] for t in teachers]
     arguments = (
         student.data_ptr(),
-        student.stride(0),
+        student.stride()[0],
         codes[student.dtype],
         pointers,
         strides,
