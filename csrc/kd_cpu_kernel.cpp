@@ -999,24 +999,26 @@ void run(const KDArgs& a) {
   std::vector<Loss<Acc>> kept_rows(a.sum_rows ? static_cast<size_t>(N) : 0);
   Loss<Acc>* rows = a.sum_rows ? kept_rows.data() : static_cast<Loss<Acc>*>(a.row_loss);
 
-  const auto rows_of_this_thread = [&](int64_t tid) {
+  // Thread tid of a team of `team` takes a contiguous block of rows (as schedule(static) would),
+  // with no worksharing construct: one thread runs them all outside any parallel region
+  // (entering one costs more than a short row), and a call from inside a caller's own parallel
+  // region still runs every row (an orphaned omp for would share them with the caller's team).
+  const auto rows_of_thread = [&](int64_t tid, int64_t team) {
     Acc* w = workspace.data() + tid * 4 * Cp;
     const RowBuffers<Acc> b{w, w + Cp, w + 2 * Cp, w + 3 * Cp};
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < N; ++i) kd_row<S, Tt, Acc>(a, i, scales, b, rows);
+    const int64_t end = N * (tid + 1) / team;
+    for (int64_t i = N * tid / team; i < end; ++i) kd_row<S, Tt, Acc>(a, i, scales, b, rows);
     fence_streaming_stores();
   };
 #ifdef _OPENMP
   if (threads > 1) {
 #pragma omp parallel num_threads(threads)
-    rows_of_this_thread(omp_get_thread_num());
+    rows_of_thread(omp_get_thread_num(), omp_get_num_threads());
   } else {
-    // No parallel region for one thread (entering one costs more than a short row): the
-    // orphaned omp for above then runs every row on this thread.
-    rows_of_this_thread(0);
+    rows_of_thread(0, 1);
   }
 #else
-  rows_of_this_thread(0);
+  rows_of_thread(0, 1);
 #endif
   if (a.sum_rows) *static_cast<Loss<Acc>*>(a.row_loss) = sum_in_order(kept_rows);
 }

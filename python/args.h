@@ -99,8 +99,6 @@ inline kd::KDArgs make_args(uintptr_t student, int64_t student_row_stride, int s
                             double temperature, double soft_weight, double hard_weight,
                             bool scale_soft_by_t2, int ensemble, int soft_loss, double beta,
                             int reduction) {
-  if (teachers.size() != teacher_weights.size())
-    throw std::invalid_argument("teachers, teacher_row_strides and teacher_weights differ in length");
   const kd::KDArgs options =
       kernel_options(teacher_weights, ignore_index, unlabeled_index, temperature, soft_weight,
                      hard_weight, scale_soft_by_t2, ensemble, soft_loss, beta, reduction);

@@ -44,3 +44,50 @@ def test_one_teacher_matches_the_buffered_path(c, dtype, temperature):
         torch.testing.assert_close(one_grad, two_grad, rtol=1e-5, atol=1e-7)
     else:  # each rounded to bfloat16 once: at most one unit in the last place apart
         torch.testing.assert_close(one_grad.float(), two_grad.float(), rtol=8e-3, atol=1e-6)
+
+
+_PARALLEL_CALLER = """
+#include <omp.h>
+void run_in_parallel(void (*callback)(int), int threads) {
+#pragma omp parallel num_threads(threads)
+  callback(omp_get_thread_num());
+}
+"""
+
+
+def test_a_call_from_inside_a_callers_parallel_region_runs_every_row(tmp_path):
+    """A one-thread kernel call made from inside a caller's OpenMP parallel region computes all
+    its rows (an orphaned omp for in the kernel once shared them with the caller's team)."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build an OpenMP caller")
+    library = tmp_path / "libcaller.so"
+    (tmp_path / "caller.c").write_text(_PARALLEL_CALLER)
+    built = subprocess.run(
+        [compiler, "-fopenmp", "-shared", "-fPIC", "-o", str(library), str(tmp_path / "caller.c")],
+        capture_output=True,
+    )
+    if built.returncode != 0:
+        pytest.skip("the C compiler cannot build OpenMP code here")
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(64, 10, generator=gen), torch.randn(64, 10, generator=gen)
+    expected = kd.distillation_loss(s, t, reduction="sum")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    results = {}
+
+    def callback(thread: int) -> None:
+        results[thread] = kd.distillation_loss(s, t, reduction="sum")
+
+    try:
+        caller = ctypes.CDLL(str(library))
+        caller.run_in_parallel(ctypes.CFUNCTYPE(None, ctypes.c_int)(callback), 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert results
+    for value in results.values():
+        torch.testing.assert_close(value, expected)
