@@ -209,11 +209,12 @@ KD_HOST_DEVICE Acc kl_term(Acc p, Acc log_p, Acc d, Acc q) {
 //     true: it is q_j (a_j - A) with A = sum_k qa_k, so the kernels sum qa over the row before
 //     they write the gradient (a is dD/dq_j up to a constant, qa = q_j a_j in a form that keeps
 //     its digits);
-//   fast_element(e, dz, du) and fast_close(A, l_z, l_u) (KL, CE only): the one-pass form of
-//     the CPU kernel, a running sum A of exponentials and the soft term from it; may_cancel:
-//     whether fast_close can lose its digits (then the CPU kernel sums `term` instead).
-//     fast_element must be linear in (dz, du): the CPU kernel passes them in log2 units, on
-//     vectors of 16 floats, and scales the sum A back by ln 2 once.
+//   fast_weight(dz, du) and fast_close(A, l_z, l_u) (KL, CE only): the one-pass form of the
+//     CPU kernel, a running sum A = sum_j e_j fast_weight(dz_j, du_j) (e_j = exp(dz_j), and
+//     nothing where e_j is 0) and the soft term from it; may_cancel: whether fast_close can lose
+//     its digits (then the CPU kernel sums `term` instead). fast_weight must be linear in
+//     (dz, du): the CPU kernel passes them in log2 units, on vectors of 16 floats, and scales
+//     the sum A back by ln 2 once.
 // A new divergence is one more struct here, one more case in visit_divergence, its code in
 // kd_args.h, and the same pieces in the Triton kernel (_soft_element) and the reference.
 template <typename Acc>
@@ -225,8 +226,8 @@ struct KLDivergence {  // KL(p || q) = sum_j p_j (log p_j - log q_j)
   static constexpr bool row_sum_gradient = false;
   static constexpr bool may_cancel = true;
   template <typename Acc>
-  KD_HOST_DEVICE static Acc fast_element(Acc e, Acc dz, Acc du) {
-    return weighted_or_zero(e, dz - du);
+  KD_HOST_DEVICE static Acc fast_weight(Acc dz, Acc du) {
+    return dz - du;
   }
   template <typename Acc>
   KD_HOST_DEVICE static Acc fast_close(Acc sum, Acc l_z, Acc l_u) {
@@ -244,8 +245,8 @@ struct CrossEntropy {  // H(p, q) = -sum_j p_j log q_j: KL plus the teachers' en
   static constexpr bool row_sum_gradient = false;
   static constexpr bool may_cancel = false;
   template <typename Acc>
-  KD_HOST_DEVICE static Acc fast_element(Acc e, Acc /*dz*/, Acc du) {
-    return weighted_or_zero(e, du);
+  KD_HOST_DEVICE static Acc fast_weight(Acc /*dz*/, Acc du) {
+    return du;
   }
   template <typename Acc>
   KD_HOST_DEVICE static Acc fast_close(Acc sum, Acc l_z, Acc l_u) {
