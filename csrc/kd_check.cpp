@@ -40,6 +40,8 @@ const char* check_args(const KDArgs& a) {
   if (!(a.beta >= 0.0 && a.beta <= 1.0)) return "beta must be in [0, 1]";
   if (static_cast<uint32_t>(a.reduction) > 2u) return "reduction code out of range";
   if (a.num_threads < 1) return "num_threads must be >= 1";
+  // With sum_rows the kernel writes the sum even of no rows (0).
+  if (a.sum_rows && a.row_loss == nullptr) return "row_loss pointer is null";
   if (a.num_rows == 0) return nullptr;
 
   // Every row must be addressable with 64-bit offsets: (N - 1) * stride + C fits in int64.

@@ -45,7 +45,8 @@ uint64_t dtype_size(kd::DType d) {
   return d == kd::DType::kFloat64 ? 8 : d == kd::DType::kFloat32 ? 4 : 2;
 }
 
-void forward_cpu(const kd::KDArgs& a) {
+// The kernel on arguments check_args accepted.
+void run_checked(const kd::KDArgs& a) {
   // Other Python threads run while the kernel does, unless it is too short for releasing and
   // taking back the GIL to pay (N=1 C=10 takes about 0.1 us).
   constexpr uint64_t kReleaseFrom = uint64_t(1) << 14;  // elements read
@@ -61,15 +62,23 @@ void forward_cpu(const kd::KDArgs& a) {
   kd::kd_forward_cpu(a);
 }
 
+// A KDArgs from Python is checked again: a kernel_options object is one too, without a call's
+// pointers (the kernel would skip it as a call of no rows, but it trusts no struct unchecked).
+void forward_cpu(const kd::KDArgs& a) {
+  if (const char* problem = kd::check_args(a)) throw std::invalid_argument(problem);
+  run_checked(a);
+}
+
 // forward_cpu(with_call(options, ...)): what the eager path of a small batch calls, with its
 // options converted once (kernel_options) and no KDArgs Python object per call.
 template <typename... Args>
 auto forward_cpu_with(kd::KDArgs (*with_call)(const kd::KDArgs&, Args...)) {
-  return [with_call](const kd::KDArgs& options, Args... args) { forward_cpu(with_call(options, args...)); };
+  return [with_call](const kd::KDArgs& options, Args... args) { run_checked(with_call(options, args...)); };
 }
 
 #ifdef KDKERNELS_WITH_CUDA
 void forward_cuda(const kd::KDArgs& a, uintptr_t stream, int device, uintptr_t workspace) {
+  if (const char* problem = kd::check_args(a)) throw std::invalid_argument(problem);
   if (a.num_rows > 0 && workspace == 0) throw std::invalid_argument("workspace pointer is null");
   const char* error = nullptr;
   {

@@ -180,6 +180,7 @@ RAW_BAD = [
     (dict(student=0), "student pointer is null"),
     (dict(teachers=[0]), "teacher pointer is null"),
     (dict(row_loss=0), "row_loss pointer is null"),
+    (dict(num_rows=0, sum_rows=True, row_loss=0), "row_loss pointer is null"),  # was a crash
     (dict(student_row_stride=-1), "student row stride"),
     (dict(teacher_row_strides=[2**62]), "teacher row stride"),
     (dict(num_classes=0), "num_classes must be >= 1"),
@@ -220,6 +221,15 @@ def test_extension_boundary_refuses_unsafe_arguments(change, words):
         _C.make_args(**args)
     with pytest.raises(ValueError, match=words.replace("[", r"\[")):  # the eager path's entry
         _run_cpu(args)
+
+
+def test_forward_cpu_checks_the_struct_it_gets():
+    """kernel_options' struct holds no call (no pointers, no rows): forward_cpu refuses it as it
+    refuses any struct check_args would."""
+    _keep, args = _raw_args()
+    options = _C.kernel_options(*(args[name] for name in OPTION_ARGUMENT_NAMES))
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        _C.forward_cpu(options)
 
 
 def test_extension_boundary_accepts_good_arguments():
