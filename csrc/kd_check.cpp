@@ -40,8 +40,8 @@ const char* check_args(const KDArgs& a) {
   if (!(a.beta >= 0.0 && a.beta <= 1.0)) return "beta must be in [0, 1]";
   if (static_cast<uint32_t>(a.reduction) > 2u) return "reduction code out of range";
   if (a.num_threads < 1) return "num_threads must be >= 1";
-  // With sum_rows the kernel writes the sum even of no rows (0).
-  if (a.sum_rows && a.row_loss == nullptr) return "row_loss pointer is null";
+  // Written for every row, and with sum_rows even for no rows (their sum, 0).
+  if (a.row_loss == nullptr && (a.num_rows > 0 || a.sum_rows)) return "row_loss pointer is null";
   if (a.num_rows == 0) return nullptr;
 
   // Every row must be addressable with 64-bit offsets: (N - 1) * stride + C fits in int64.
@@ -56,7 +56,6 @@ const char* check_args(const KDArgs& a) {
     if (bad_stride(a.teacher_row_strides[m])) return "teacher row stride is negative or overflows";
   }
   if (bad_stride(a.num_classes)) return "num_rows * num_classes overflows";
-  if (a.row_loss == nullptr) return "row_loss pointer is null";
   return nullptr;
 }
 
