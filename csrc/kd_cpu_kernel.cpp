@@ -30,6 +30,11 @@
 // that matters only across a library boundary, and every function taking or returning one
 // (kd_row_math.h's included) is internal to this file.
 #pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12's AVX-512 intrinsics start from a deliberately self-initialised register
+// (`__m512i __Y = __Y;` in _mm512_undefined_epi32) and warn about it in every instance of every
+// loop that inlines one: thousands of lines about the compiler's own headers.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 #include "kd_args.h"
@@ -413,7 +418,7 @@ inline FloatLanes exp2_polynomial(FloatLanes r) {
   return p * r + 1.0f;
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
 // 2^(k/16) for k in [0, 16), rounded to float: one zmm register, indexed by vpermps.
 alignas(64) constexpr float kExp2Sixteenths[16] = {
     1.0f,        1.04427373f, 1.09050775f, 1.13878858f, 1.18920708f, 1.24185777f,
@@ -424,28 +429,27 @@ alignas(64) constexpr float kExp2Sixteenths[16] = {
 // 2^x in each lane, for x <= 8 or NaN (the kernel's offsets from a row's max, or from a
 // reference at most 8 below it: kRebaseAbove): 0 below -125 (exactly 0 at -inf), NaN at NaN.
 inline FloatLanes exp2_lanes(FloatLanes x) {
-#if defined(__AVX512F__)
-  // x = n + r with n = x rounded to sixteenths and |r| <= 1/32: 2^x = 2^floor(n) 2^frac(n) 2^r,
-  // 2^frac(n) from a 16-entry table (vpermps) and 2^r = 1 + r P(r), P of degree 2 fitted for
-  // least relative error (1.6e-9). Four multiplies where the degree-6 polynomial over
-  // [-1/2, 1/2] (above) took six, on the floating-point pipes that bound the exponential pass
-  // (Zen 4 issues two 512-bit operations a cycle): two exponentials a vector alone 0.37 -> 0.28
-  // ns an element, the kernel's forward in cache 2% less. Over every float in
-  // [-125, 0] the relative error is at most 1.1e-7 (one float32 ulp; the degree-6 form 8.0e-8),
-  // from the table's rounding plus the last one. Adding 1.5 * 2^19 rounds x to sixteenths
-  // (the sum's last mantissa bit is 1/16) and leaves 16 n mod 16 in its low four bits, the
-  // table index; scalef scales by 2^floor(n). Results below 2^-125 are 0, as in fast_exp (no
-  // denormals): the mask keeps x >= -125 and NaN, so -inf (where r is NaN) gives 0 and a NaN x
-  // stays NaN.
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  // x = n + r with n = x rounded down to sixteenths and 0 <= r < 1/16:
+  // 2^x = 2^floor(x) 2^frac(n) 2^r, 2^frac(n) from a 16-entry table (vpermps) and
+  // 2^r = 1 + r P(r), P of degree 2 fitted for least relative error over [0, 1/16) (1.3e-9).
+  // Adding 1.5 * 2^19 rounding down rounds x down to sixteenths (the sum's last mantissa bit is
+  // 1/16) and leaves 16 n mod 16 in its low four bits, the table index; vreduceps gives r = x - n
+  // exactly, and scalef scales by 2^floor(x) = 2^floor(n): nine operations an exponential,
+  // four of them multiplies (rounding to nearest took two more to form n and r; the degree-6
+  // polynomial over [-1/2, 1/2], 8.0e-8, two more multiplies). Over every float in [-125, 8]
+  // the relative error is at most 1.06e-7 (one float32 ulp), from the table's rounding plus the
+  // last one. Results below 2^-125 are 0, as in fast_exp (no denormals): the mask keeps
+  // x >= -125 and NaN, so -inf gives 0 and a NaN x stays NaN.
   const __mmask16 kept = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
-  constexpr float kShifter = 786432.0f;
-  const FloatLanes shifted = x + kShifter;
-  const FloatLanes n = shifted - kShifter;
-  const FloatLanes r = x - n;
-  const FloatLanes t = (FloatLanes)_mm512_permutexvar_ps(
-      (__m512i)shifted, _mm512_load_ps(kExp2Sixteenths));
-  const FloatLanes p = ((r * 5.550213e-02f + 2.4023429e-01f) * r + 6.931472e-01f) * r;
-  return (FloatLanes)_mm512_maskz_scalef_ps(kept, (__m512)(t * p + t), (__m512)n);
+  const __m512 shifted = _mm512_add_round_ps((__m512)x, _mm512_set1_ps(786432.0f),
+                                             _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const FloatLanes r = (FloatLanes)_mm512_reduce_ps(
+      (__m512)x, (4 << 4) | _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const FloatLanes t =
+      (FloatLanes)_mm512_permutexvar_ps((__m512i)shifted, _mm512_load_ps(kExp2Sixteenths));
+  const FloatLanes p = ((r * 5.666982755e-02f + 2.401842475e-01f) * r + 6.931475997e-01f) * r;
+  return (FloatLanes)_mm512_maskz_scalef_ps(kept, (__m512)(t * p + t), (__m512)x);
 #else
   // fast_exp's construction (kd_row_math.h): n from adding and removing 1.5 * 2^23, 2^n added
   // to the exponent field, which needs results of 2^-125 or more (below: 0); x - x keeps a NaN.
@@ -462,8 +466,8 @@ inline double exp2_lanes(double x) { return std::exp2(x); }
 // sum + e w, with e = exp2_lanes(x), adding nothing where e is 0 (there w may be
 // infinite: a class of teacher logit -inf). With AVX-512 one masked multiply-add under the mask
 // of x >= -125 (or NaN) that exp2_lanes computed (the compiler shares it), where the
-// generic form takes a compare, a masked multiply and an add: two of the 32 operations a vector
-// of the exponential pass issues.
+// generic form takes a compare, a masked multiply and an add: two of the 30-odd operations a
+// vector of the exponential pass issues.
 inline FloatLanes add_weighted_exp(FloatLanes sum, FloatLanes x, FloatLanes e, FloatLanes w) {
 #if defined(__AVX512F__)
   const __mmask16 nonzero = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
