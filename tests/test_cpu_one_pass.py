@@ -91,3 +91,41 @@ def test_one_pass_rows_match_the_reference(dtype, soft_loss, temperature):
         grad, ref_grad = student.grad[row], ref_student.grad[row]
         floor = 2 * rel_error(ref_grad.to(dtype), ref_grad)  # storing it in dtype alone
         assert row == NEAR or rel_error(grad, ref_grad) < max(4 * tol, floor), row
+
+
+@pytest.mark.parametrize(
+    "student_dtype, teacher_dtype",
+    [
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float16),
+    ],
+)
+def test_one_pass_other_dtypes_and_whole_blocks(student_dtype, teacher_dtype):
+    """Half and mixed dtypes (the one-pass form takes any float-accumulated pair), C a whole
+    number of blocks (no partial vector), a first block and more of -inf (the far reference kept
+    through a whole stretch), and NaN and +inf inside long rows."""
+    c = 2048
+    gen = torch.Generator().manual_seed(3)
+    student64 = torch.randn(5, c, generator=gen, dtype=torch.float64) * 3
+    teacher64 = torch.randn(5, c, generator=gen, dtype=torch.float64) * 3
+    student64[1, :600] = teacher64[1, :600] = float("-inf")
+    student64[2, 1500] += 25  # a late move
+    student64[3, 1700] = float("nan")
+    teacher64[4, 900] = float("inf")
+    labels = torch.tensor([7, 1000, 1500, 3, 4])
+    student, teacher = student64.to(student_dtype), teacher64.to(teacher_dtype)
+    ref_student = student.double().requires_grad_(True)
+    ref = kd_loss_reference(ref_student, [teacher.double()], labels, reduction="none")
+    ref.sum().backward()
+    student.requires_grad_(True)
+    out = kd.distillation_loss(student, teacher, labels, reduction="none", backend="cpu")
+    out.sum().backward()
+    tol = max(tolerance(student_dtype), tolerance(teacher_dtype))
+    assert out[3].isnan() and out[4].isnan()  # NaN and +inf logits: NaN, as the reference
+    assert ref[3].isnan() and ref[4].isnan()
+    assert rel_error(out[:3], ref[:3]) < tol
+    for row in range(3):
+        grad, ref_grad = student.grad[row], ref_student.grad[row]
+        floor = 2 * rel_error(ref_grad.to(student_dtype), ref_grad)
+        assert rel_error(grad, ref_grad) < max(4 * tol, floor), row

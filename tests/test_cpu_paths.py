@@ -1,8 +1,8 @@
-"""The CPU kernel's two ways through a row agree: a short row with one teacher (C <= 1024,
-float32 or bfloat16) skips pass 1's float copies and its exponential pass reads the inputs; the
-same teacher given twice at half weight goes through the copies (csrc/kd_cpu_kernel.cpp,
-InputLogits). Both are tested against the reference elsewhere; here against each other, on the
-same rows, on both sides of the threshold and of a whole vector."""
+"""The CPU kernel's ways through a row agree: a row with one teacher skips pass 1's float copies
+(C <= 1024, float32 or bfloat16: its exponential pass reads the inputs, InputLogits; C > 1024:
+the one-pass form, one_pass_exp); the same teacher given twice at half weight goes through the
+copies (csrc/kd_cpu_kernel.cpp). All are tested against the reference elsewhere; here against
+each other, on the same rows, on both sides of the thresholds and of a whole vector."""
 
 import pytest
 import torch
