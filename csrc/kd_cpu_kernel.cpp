@@ -1183,7 +1183,9 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   };
   OnePassScales one_pass_scales{};
   bool read_inputs = false;
-  if constexpr (std::is_same_v<Acc, float>) {
+  // One teacher of the student's dtype (mixed dtypes take pass 1: every pair of dtypes would be
+  // another hundred-odd instances of the one-pass form in each instruction set's build).
+  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<S, Tt>) {
     if (a.num_teachers == 1) {
       const Tt* t = static_cast<const Tt*>(a.teachers[0]) + i * a.teacher_row_strides[0];
       s_y = role.hard ? to_float(s[label]) : 0.0f;
@@ -1197,7 +1199,7 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
         const RowStretch& last = b.stretches[st.stretches];  // the row's maxima
         st.m_s = last.r_s;  // soft_terms' z is c (t - ref): rounding is monotonic, c > 0
         st.m_z = c * (last.r_t - row_reference<float>(t));
-      } else if constexpr (std::is_same_v<S, Tt> && !std::is_same_v<S, Half>) {
+      } else if constexpr (!std::is_same_v<S, Half>) {
         // float32 and bfloat16 rows (half is widened per element without AVX-512: not twice).
         const float ref = row_reference<float>(t);
         const float c = static_cast<float>(a.teacher_weights[0]) * inv_t;

@@ -102,9 +102,9 @@ def test_one_pass_rows_match_the_reference(dtype, soft_loss, temperature):
     ],
 )
 def test_one_pass_other_dtypes_and_whole_blocks(student_dtype, teacher_dtype):
-    """Half and mixed dtypes (the one-pass form takes any float-accumulated pair), C a whole
-    number of blocks (no partial vector), a first block and more of -inf (the far reference kept
-    through a whole stretch), and NaN and +inf inside long rows."""
+    """Half (the one-pass form) and mixed dtypes (pass 1), C a whole number of blocks (no
+    partial vector), a first block and more of -inf (the far reference kept through a whole
+    stretch), and NaN and +inf inside long rows."""
     c = 2048
     gen = torch.Generator().manual_seed(3)
     student64 = torch.randn(5, c, generator=gen, dtype=torch.float64) * 3
