@@ -728,17 +728,17 @@ OnePassLanes moved(OnePassLanes l, const OnePassScales& a, const RowStretch& fro
 // as much as taking the maxima); a block that exceeded them runs again from the sums before it,
 // moved to references at the maxima so far, as a new stretch. At the end the sums are moved to
 // the row's maxima, so the closing formula and soft_terms see what the two-pass form computes.
-// stretches[0] holds the first references on entry; on return stretches[0, count) hold each
-// stretch and stretches[count] the row's maxima, the references of the sums returned (where a
+// b.stretches[0] holds the first references on entry; on return b.stretches[0, count) hold each
+// stretch and b.stretches[count] the row's maxima, the references of the sums returned (where a
 // row's logits are all -inf, the last stretch's). kHard, kKeep, kPow as in exp_pass.
 constexpr int64_t kCheckEvery = 512;
 
 template <bool kHard, bool kKeep, typename Div, int kPow, typename Ts, typename Tt>
 [[gnu::noinline]] RowSums<float> one_pass_exp(const Ts* s, const Tt* t, int64_t C,
                                               const OnePassScales& a, const RowBuffers<float>& b,
-                                              RowStretch* stretches, int64_t& count,
-                                              const NextRow& next) {
+                                              int64_t& count, const NextRow& next) {
   constexpr float kLn2 = 0.6931471805599453f;
+  RowStretch* const stretches = b.stretches;
   constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
   OnePassLanes l;
   FloatLanes top_s = FloatLanes{} + kMinusInf, top_t = top_s;
@@ -836,10 +836,8 @@ template <bool kHard, typename Ts, typename Tt>
                                    decltype(divergence)>;
     return with_power<kHard>(power, [&](auto t_power) {
       constexpr int kPow = decltype(t_power)::value;
-      return keep ? one_pass_exp<kHard, true, Div, kPow>(s, t, C, scales, b, b.stretches, count,
-                                                         next)
-                  : one_pass_exp<kHard, false, Div, kPow>(s, t, C, scales, b, b.stretches,
-                                                          count, next);
+      return keep ? one_pass_exp<kHard, true, Div, kPow>(s, t, C, scales, b, count, next)
+                  : one_pass_exp<kHard, false, Div, kPow>(s, t, C, scales, b, count, next);
     });
   });
   st.stretches = count;
