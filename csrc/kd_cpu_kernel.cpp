@@ -208,12 +208,26 @@ inline float lane_max(FloatLanes v) {
 // kLanes input values from p, as floats.
 inline FloatLanes load_lanes(const float* p) { return load_vector<FloatLanes>(p); }
 
-// A bfloat16 is a float's upper 16 bits: widened and shifted. AVX-512 in one widening load
-// (GCC compiled the generic form below to two 256-bit halves and an insert).
+#if defined(__AVX512BW__)
+// 16 bfloat16 values as floats: each moved into the upper half of its 32-bit lane by one word
+// permutation that zeroes the lower halves. A widening move and a shift took two operations,
+// the shift on the adder pipes that the exponential pass's additions, maxima, vreduceps and
+// vscalefps already saturate (AMD Zen 4: two 512-bit adder-pipe operations a cycle against a
+// word permutation on the shuffle pipes).
+alignas(64) constexpr uint16_t kBFloat16Words[32] = {0, 0, 0, 1, 0, 2,  0, 3,  0, 4,  0,
+                                                     5, 0, 6, 0, 7, 0, 8,  0, 9,  0, 10,
+                                                     0, 11, 0, 12, 0, 13, 0, 14, 0, 15};
+inline __m512 widen_bfloat16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(
+      0xAAAAAAAAu, _mm512_load_si512(kBFloat16Words), _mm512_castsi256_si512(bits)));
+}
+#endif
+
+// A bfloat16 is a float's upper 16 bits (GCC compiled the generic form below to two 256-bit
+// halves and an insert).
 inline FloatLanes load_lanes(const BFloat16* p) {
-#if defined(__AVX512F__)
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return (FloatLanes)_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
+#if defined(__AVX512BW__)
+  return (FloatLanes)widen_bfloat16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #else
   return (FloatLanes)(__builtin_convertvector(load_vector<Bits16Lanes>(p), UintLanes) << 16);
 #endif
@@ -221,7 +235,7 @@ inline FloatLanes load_lanes(const BFloat16* p) {
 
 inline FloatLanes load_lanes(const Half* p) {
 #if defined(__AVX512F__)
-  // Exact, as to_float. (maskz with every lane: see exp2_lanes.)
+  // Exact, as to_float.
   return (FloatLanes)_mm512_maskz_cvtph_ps(0xffff, load_vector<__m256i>(p));
 #else
   float v[kLanes];
@@ -242,7 +256,7 @@ template <typename In>
   } else {  // bfloat16 as load_lanes converts it; half exactly
     const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
     const __m512 x = std::is_same_v<In, BFloat16>
-                         ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))
+                         ? widen_bfloat16(bits)
                          : _mm512_maskz_cvtph_ps(0xffff, bits);
     return (FloatLanes)_mm512_mask_blend_ps(mask, _mm512_set1_ps(fill), x);
   }
@@ -427,7 +441,7 @@ alignas(64) constexpr float kExp2Sixteenths[16] = {
 #endif
 
 // 2^x in each lane, for x <= 8 or NaN (the kernel's offsets from a row's max, or from a
-// reference at most 8 below it: kRebaseAbove): 0 below -125 (exactly 0 at -inf), NaN at NaN.
+// reference at most 8 below it: kRebaseAbove); exactly 0 at -inf, NaN at NaN.
 inline FloatLanes exp2_lanes(FloatLanes x) {
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
   // x = n + r with n = x rounded down to sixteenths and 0 <= r < 1/16:
@@ -435,13 +449,11 @@ inline FloatLanes exp2_lanes(FloatLanes x) {
   // 2^r = 1 + r P(r), P of degree 2 fitted for least relative error over [0, 1/16) (1.3e-9).
   // Adding 1.5 * 2^19 rounding down rounds x down to sixteenths (the sum's last mantissa bit is
   // 1/16) and leaves 16 n mod 16 in its low four bits, the table index; vreduceps gives r = x - n
-  // exactly, and scalef scales by 2^floor(x) = 2^floor(n): nine operations an exponential,
-  // four of them multiplies (rounding to nearest took two more to form n and r; the degree-6
-  // polynomial over [-1/2, 1/2], 8.0e-8, two more multiplies). Over every float in [-125, 8]
-  // the relative error is at most 1.06e-7 (one float32 ulp), from the table's rounding plus the
-  // last one. Results below 2^-125 are 0, as in fast_exp (no denormals): the mask keeps
-  // x >= -125 and NaN, so -inf gives 0 and a NaN x stays NaN.
-  const __mmask16 kept = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
+  // exactly, and scalef scales by 2^floor(x) = 2^floor(n): eight operations an exponential.
+  // Over every float in [-125, 8] the relative error is at most 1.06e-7 (one float32 ulp), from
+  // the table's rounding plus the last one; below, scalef's results are denormal down to 2^-149
+  // and 0 beyond (Zen 4 computes with denormals at full speed). At -inf, vreduceps gives 0 and
+  // the index 0, so 2^x = 1 scaled by 2^-inf = 0; a NaN x stays NaN.
   const __m512 shifted = _mm512_add_round_ps((__m512)x, _mm512_set1_ps(786432.0f),
                                              _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   const FloatLanes r = (FloatLanes)_mm512_reduce_ps(
@@ -449,7 +461,7 @@ inline FloatLanes exp2_lanes(FloatLanes x) {
   const FloatLanes t =
       (FloatLanes)_mm512_permutexvar_ps((__m512i)shifted, _mm512_load_ps(kExp2Sixteenths));
   const FloatLanes p = ((r * 5.666982755e-02f + 2.401842475e-01f) * r + 6.931475997e-01f) * r;
-  return (FloatLanes)_mm512_maskz_scalef_ps(kept, (__m512)(t * p + t), (__m512)x);
+  return (FloatLanes)_mm512_scalef_ps((__m512)(t * p + t), (__m512)x);
 #else
   // fast_exp's construction (kd_row_math.h): n from adding and removing 1.5 * 2^23, 2^n added
   // to the exponent field, which needs results of 2^-125 or more (below: 0); x - x keeps a NaN.
@@ -465,9 +477,8 @@ inline double exp2_lanes(double x) { return std::exp2(x); }
 
 // sum + e w, with e = exp2_lanes(x), adding nothing where e is 0 (there w may be
 // infinite: a class of teacher logit -inf). With AVX-512 one masked multiply-add under the mask
-// of x >= -125 (or NaN) that exp2_lanes computed (the compiler shares it), where the
-// generic form takes a compare, a masked multiply and an add: two of the 30-odd operations a
-// vector of the exponential pass issues.
+// of x >= -125 (or NaN; below, e < 2^-125 adds nothing a float sum keeps), where the generic
+// form takes a compare, a masked multiply and an add.
 inline FloatLanes add_weighted_exp(FloatLanes sum, FloatLanes x, FloatLanes e, FloatLanes w) {
 #if defined(__AVX512F__)
   const __mmask16 nonzero = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
@@ -648,29 +659,59 @@ RowSums<Acc> exp_pass(const KDArgs& a, bool keep, int power, const Logits& in,
 constexpr float kRebaseAbove = 8.0f;
 
 // A stretch of the row from class `start` on whose stored exponentials were taken from these
-// references of the student's and the teacher's logits. Offsets from them are (x - r) a in log2
-// units, exactly 0 at x = r (a form with one fused multiply-add, x a - fl(r a), is not: with
-// one class taking nearly all of q, the reverse KL's gradient q_j (a_j - A) at that class, a
-// cancellation, read the mismatch between that and soft_terms' q: 1e-5 of the gradient instead
-// of 1e-8).
+// references of the student's and the teacher's logits.
 struct RowStretch {
   int64_t start;
   float r_s, r_t;
+};
+
+// The offsets of logits x from a reference r at a scale a (log2 units per logit), x a - c. With
+// AVX-512 one fused multiply-add from c = fl(r a), the offsets exact up to their own rounding
+// (two operations, a subtraction and a multiply, took the adder pipes the pass is bound by);
+// c's rounding, a constant of the stretch, is carried exactly in the origins its sums are moved
+// from (a form that left it out, the offsets off by up to half an ulp of r a, put that error in
+// l_u: with one class taking nearly all of q the reverse KL's gradient q_j (a_j - A), a
+// cancellation, was off by 1e-5 of the row's gradient instead of 1e-8). Without AVX-512
+// (x - r) a, c = r a exactly: without a fused multiply-add fl(x a) rounds at the size of x a.
+#if defined(__AVX512F__)
+constexpr bool kFusedOffsets = true;
+#else
+constexpr bool kFusedOffsets = false;
+#endif
+
+struct Offsets {
+  float r, a, c;
+  Offsets(float r, float a) : r(r), a(a), c(r * a) {}
+  FloatLanes operator()(FloatLanes x) const {
+#if defined(__AVX512F__)
+    return (FloatLanes)_mm512_fmsub_ps((__m512)x, _mm512_set1_ps(a), _mm512_set1_ps(c));
+#else
+    return (x - r) * a;
+#endif
+  }
+  // The offsets' origin in log2 units, exactly: x a - origin is what they approximate.
+  static double origin(float r, float a) {
+    return kFusedOffsets ? double(r * a) : double(r) * a;
+  }
+};
+
+// Where a stretch's offsets start, in log2 units: the student at T and at 1, the teacher.
+struct Origins {
+  double u, s, z;
 };
 
 // The logits' scales of the one-pass form's offsets, log2 units per logit: the student at T and
 // at 1, the teacher (z = c t).
 struct OnePassScales {
   float u, s, z;
-  // The moves of the offsets' 2^0 between two references, in log2 units.
-  double move_u(const RowStretch& from, const RowStretch& to) const {
-    return (double(to.r_s) - from.r_s) * u;
+  // The origins of the offsets the pass takes from stretch st's references.
+  Origins of(const RowStretch& st) const {
+    return {Offsets::origin(st.r_s, u), Offsets::origin(st.r_s, s), Offsets::origin(st.r_t, z)};
   }
-  double move_s(const RowStretch& from, const RowStretch& to) const {
-    return (double(to.r_s) - from.r_s) * s;
-  }
-  double move_z(const RowStretch& from, const RowStretch& to) const {
-    return (double(to.r_t) - from.r_t) * z;
+  // The origins of the two-pass form, the row's maxima m times the scales exactly: the sums
+  // returned are taken from these.
+  Origins at_maxima(const RowStretch& m) const {
+    return {double(m.r_s) * u, double(m.r_s) * s, double(m.r_t) * z};
   }
 };
 
@@ -704,15 +745,14 @@ struct OnePassLanes {
   FloatLanes l_z{}, l_u{}, l_s{}, sum_ex{};
 };
 
-// The sums l taken from references `from`, taken from `to` instead: each multiplied by 2 to the
+// The sums l taken from origins `from`, taken from `to` instead: each multiplied by 2 to the
 // minus the move, and A shifted as e_z w(dz, du) is, w being linear: after the move
 // e_z 2^-move_z (w(dz, du) - w(move_z, move_u)). Lanes that have summed nothing yet (l_z = 0)
 // stay 0 whatever the move (the first finite logit after first_reference's far one).
 template <bool kHard, typename Div, int kPow>
-OnePassLanes moved(OnePassLanes l, const OnePassScales& a, const RowStretch& from,
-                   const RowStretch& to) {
-  const double move_u = a.move_u(from, to), move_z = a.move_z(from, to);
-  const double move_s = kPow > 0 ? kPow * move_u : a.move_s(from, to);
+OnePassLanes moved(OnePassLanes l, const Origins& from, const Origins& to) {
+  const double move_u = to.u - from.u, move_z = to.z - from.z;
+  const double move_s = kPow > 0 ? kPow * move_u : to.s - from.s;
   const float w = Div::fast_weight(static_cast<float>(move_z), static_cast<float>(move_u));
   const FloatLanes shifted = l.sum_ex - (l.l_z > 0.0f ? l.l_z * w : FloatLanes{});
   l.sum_ex = static_cast<float>(std::exp2(-move_z)) * shifted;
@@ -744,12 +784,13 @@ template <bool kHard, bool kKeep, typename Div, int kPow, typename Ts, typename 
   FloatLanes top_s = FloatLanes{} + kMinusInf, top_t = top_s;
   RowStretch here = stretches[0];
   const float a_u = a.u, a_s = a.s, a_z = a.z;
+  Offsets off_u(here.r_s, a_u), off_s(here.r_s, a_s), off_z(here.r_t, a_z);
   // The student's largest scale: its offsets bound both e_u and e_s.
   const float a_student = kHard && kPow == 0 ? std::max(a_u, a_s) : a_u;
   auto step = [&](int64_t j, FloatLanes x_s, FloatLanes x_t) __attribute__((always_inline)) {
     top_s = x_s > top_s ? x_s : top_s;  // a NaN never the max
     top_t = x_t > top_t ? x_t : top_t;
-    const FloatLanes ds = x_s - here.r_s, dz = (x_t - here.r_t) * a_z, du = ds * a_u;
+    const FloatLanes dz = off_z(x_t), du = off_u(x_s);
     const FloatLanes e_z = exp2_lanes(dz);
     const FloatLanes e_u = exp2_lanes(du);
     l.l_z += e_z;
@@ -762,7 +803,7 @@ template <bool kHard, bool kKeep, typename Div, int kPow, typename Ts, typename 
     if constexpr (kHard && kPow > 0) {
       l.l_s += power_of_temperature<kPow>(e_u);
     } else if constexpr (kHard) {
-      const FloatLanes e_s = exp2_lanes(ds * a_s);
+      const FloatLanes e_s = exp2_lanes(off_s(x_s));
       l.l_s += e_s;
       if constexpr (kKeep) store_vector(b.s + j, e_s);
     }
@@ -788,13 +829,15 @@ template <bool kHard, bool kKeep, typename Div, int kPow, typename Ts, typename 
       RowStretch now{j0, here.r_s, here.r_t};
       if (student_above) now.r_s = lanes_max(top_s);
       if (teacher_above) now.r_t = lanes_max(top_t);
-      l = moved<kHard, Div, kPow>(before, a, here, now);
+      l = moved<kHard, Div, kPow>(before, a.of(here), a.of(now));
       if (here.start == j0) {
         stretches[count - 1] = now;
       } else {
         stretches[count++] = now;
       }
       here = now;
+      off_u = Offsets(here.r_s, a_u), off_s = Offsets(here.r_s, a_s);
+      off_z = Offsets(here.r_t, a_z);
       block(j0, j1);
     }
   }
@@ -803,7 +846,7 @@ template <bool kHard, bool kKeep, typename Div, int kPow, typename Ts, typename 
   const RowStretch last{C, max_s > kMinusInf ? max_s : here.r_s,
                         max_t > kMinusInf ? max_t : here.r_t};
   stretches[count] = last;
-  l = moved<kHard, Div, kPow>(l, a, here, last);
+  l = moved<kHard, Div, kPow>(l, a.of(here), a.at_maxima(last));
   RowSums<float> r;
   r.l_z = lane_sum(l.l_z), r.l_u = lane_sum(l.l_u), r.sum_ex = lane_sum(l.sum_ex) * kLn2;
   if constexpr (kHard) r.l_s = lane_sum(l.l_s);
@@ -858,9 +901,10 @@ inline StretchGradient<float> stretch_gradient(const RowBuffers<float>& b, int64
   const RowStretch& here = b.stretches[k];
   const RowStretch& last = b.stretches[count];
   auto down = [](double move) { return static_cast<float>(std::exp2(-move)); };
-  const double move_u = a.move_u(here, last);
+  const Origins from = a.of(here), to = a.at_maxima(last);
+  const double move_u = to.u - from.u;
   return {here.start, k + 1 < count ? b.stretches[k + 1].start : C, down(move_u),
-          down(a.move_z(here, last)), down(power > 0 ? power * move_u : a.move_s(here, last))};
+          down(to.z - from.z), down(power > 0 ? power * move_u : to.s - from.s)};
 }
 
 // Whether the gradient is written with streaming stores: only where it cannot stay in cache for
