@@ -1,11 +1,11 @@
 // The fused distillation loss on the CPU: one call computes every row's weighted loss and, when
 // asked, the student's gradient. A row is read from memory once: pass 1 converts it into a
 // per-thread float buffer (student s, combined teacher z) and takes the maxima (a short row with
-// one teacher: the maxima only, pass 2 reading the inputs again; a long one with one teacher
-// has no pass 1: one_pass_exp below takes the maxima in pass 2); pass 2 computes the
-// exponentials per element (teacher, student at T, and student at 1 unless it is a power of the
-// one at T) and the sums; pass 3 writes the gradient from the buffered exponentials (and that
-// power). The buffers are C floats each (padded to whole vectors) and stay in cache, so the only
+// one teacher: the maxima only, pass 2 reading the inputs again; a long one with one teacher or
+// a geometric ensemble has no pass 1: one_pass_exp below takes the maxima in pass 2); pass 2
+// computes the exponentials per element (teacher, student at T, and student at 1 unless it is a
+// power of the one at T) and the sums; pass 3 writes the gradient from the buffered exponentials
+// (and that power). The buffers are C floats each (padded to whole vectors) and stay in cache, so the only
 // [N, C] memory touched is the inputs and the gradient.
 //
 // This file is compiled once per instruction set (baseline, AVX2, AVX-512, AVX-512 with BF16 on
@@ -362,16 +362,22 @@ Acc row_reference(const Tt* row) {
   return first - first == Acc(0) ? first : Acc(0);  // 0 for an infinite or NaN first element
 }
 
-// Geometric ensemble: z_j = sum_m (w_m / T) (t_mj - ref_m). Returns max_j z_j.
+// The members of a geometric ensemble's row, z_j = sum_m (w_m / T) (t_mj - ref_m).
 template <typename Tt, typename Acc>
-Acc combine_geometric(const KDArgs& a, int64_t row, Acc inv_t, const RowBuffers<Acc>& b) {
+ScaledRows<Tt, Acc> geometric_members(const KDArgs& a, int64_t row, Acc inv_t) {
   ScaledRows<Tt, Acc> members;
   for (int32_t m = 0; m < a.num_teachers; ++m) {
     if (!(a.teacher_weights[m] > 0.0)) continue;  // a zero-weight member is not in the ensemble
     const Tt* t = static_cast<const Tt*>(a.teachers[m]) + row * a.teacher_row_strides[m];
     members.add(t, row_reference<Acc>(t), static_cast<Acc>(a.teacher_weights[m]) * inv_t);
   }
-  return scaled_into(members, b.z, a.num_classes);
+  return members;
+}
+
+// Geometric ensemble: z into b.z. Returns max_j z_j.
+template <typename Tt, typename Acc>
+Acc combine_geometric(const KDArgs& a, int64_t row, Acc inv_t, const RowBuffers<Acc>& b) {
+  return scaled_into(geometric_members<Tt>(a, row, inv_t), b.z, a.num_classes);
 }
 
 // Arithmetic ensemble: z_j = log sum_m w_m softmax(t_m / T)_j. Returns max_j z_j.
@@ -643,8 +649,9 @@ RowSums<Acc> exp_pass(const KDArgs& a, bool keep, int power, const Logits& in,
   });
 }
 
-// The one-pass form of a long row with one teacher (float accumulation, C > 1024): the
-// exponential pass reads the inputs themselves and takes the row's maxima as it goes, with no
+// The one-pass form of a long row with one teacher or a geometric ensemble of the student's
+// dtype (float accumulation, C > 1024): the exponential pass reads the inputs themselves (an
+// ensemble's members combined in registers) and takes the row's maxima as it goes, with no
 // pass 1 before it and no logits buffered. Its offsets are taken from references r that only
 // need r <= max (so that no term overflows and the largest does not underflow) and every offset
 // at most kRebaseAbove (8, in log2 units) above r: the first vector's maxima, moved up to the
@@ -773,8 +780,33 @@ OnePassLanes moved(OnePassLanes l, const Origins& from, const Origins& to) {
 // row's logits are all -inf, the last stretch's). kHard, kKeep, kPow as in exp_pass.
 constexpr int64_t kCheckEvery = 512;
 
+// The teacher side of the one-pass form: one teacher's logits t as they are (its scale c is in
+// OnePassScales::z), or a geometric ensemble's z = sum_m c_m (t_m - ref_m) (`combined`), formed
+// in registers as pass 1's scaled_into forms it. One type for both, the member count a branch
+// the predictor takes every time: a type each doubled the pass's instances.
+template <typename Tt>
+struct TeacherLogits {
+  ScaledRows<Tt, float> rows;
+  bool combined;
+  template <typename Load>
+  [[gnu::always_inline]] FloatLanes combine(Load&& load) const {
+    if (!combined) return load(rows.rows[0]);
+    FloatLanes z = rows.scales[0] * (load(rows.rows[0]) - rows.refs[0]);
+    for (int m = 1; m < rows.count; ++m) z += rows.scales[m] * (load(rows.rows[m]) - rows.refs[m]);
+    return z;
+  }
+  // Classes [j, j + kLanes), or the n < kLanes from j on and -inf beyond (every c_m > 0).
+  [[gnu::always_inline]] FloatLanes at(int64_t j) const {
+    return combine([j](const Tt* row) { return load_lanes(row + j); });
+  }
+  [[gnu::always_inline]] FloatLanes at(int64_t j, int64_t n) const {
+    constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+    return combine([j, n](const Tt* row) { return load_partial_lanes(row + j, n, kMinusInf); });
+  }
+};
+
 template <bool kHard, bool kKeep, typename Div, int kPow, typename Ts, typename Tt>
-[[gnu::noinline]] RowSums<float> one_pass_exp(const Ts* s, const Tt* t, int64_t C,
+[[gnu::noinline]] RowSums<float> one_pass_exp(const Ts* s, const TeacherLogits<Tt>& t, int64_t C,
                                               const OnePassScales& a, const RowBuffers<float>& b,
                                               int64_t& count, const NextRow& next) {
   constexpr float kLn2 = 0.6931471805599453f;
@@ -808,15 +840,16 @@ template <bool kHard, bool kKeep, typename Div, int kPow, typename Ts, typename 
       if constexpr (kKeep) store_vector(b.s + j, e_s);
     }
   };
+  // The next row's inputs are of the same dtype: one prefetch a 64-byte line of them (bfloat16:
+  // every other vector; half as many where this pass prefetches half the row) is every line once.
+  const int64_t prefetch_every = (64 / int64_t(sizeof(Ts))) << next.shift;
   auto block = [&](int64_t j0, int64_t j1) __attribute__((always_inline)) {
     int64_t j = j0;
     for (; j + kLanes <= j1; j += kLanes) {
-      next(j);
-      step(j, load_lanes(s + j), load_lanes(t + j));
+      if (j % prefetch_every == 0) next(j);
+      step(j, load_lanes(s + j), t.at(j));
     }
-    if (j < j1)
-      step(j, load_partial_lanes(s + j, j1 - j, kMinusInf),
-           load_partial_lanes(t + j, j1 - j, kMinusInf));
+    if (j < j1) step(j, load_partial_lanes(s + j, j1 - j, kMinusInf), t.at(j, j1 - j));
   };
   count = 1;
   for (int64_t j0 = 0; j0 < C; j0 += kCheckEvery) {
@@ -861,17 +894,17 @@ struct RowStatistics {
   int64_t stretches = 0;       // the one-pass form's stretches in RowBuffers; 0: none
 };
 
-// Row i in the one-pass form (one teacher, float accumulation, C >= kLanes): its exponential
+// Row i in the one-pass form (float accumulation, C >= kLanes): its exponential
 // pass and statistics; its stretches are left in b.stretches. Out of line: its forty
 // instances inlined into kd_row made the short rows (which never take it) slower.
 template <bool kHard, typename Ts, typename Tt>
 [[gnu::noinline]] RowStatistics<float> one_pass(const KDArgs& a, bool keep, int power,
-                                                const Ts* s, const Tt* t,
+                                                const Ts* s, const TeacherLogits<Tt>& t,
                                                 const OnePassScales& scales,
                                                 const RowBuffers<float>& b, const NextRow& next) {
   const int64_t C = a.num_classes;
   b.stretches[0] = {0, first_reference(lanes_max(load_lanes(s)), std::max(scales.u, scales.s)),
-                    first_reference(lanes_max(load_lanes(t)), scales.z)};
+                    first_reference(lanes_max(t.at(0)), scales.z)};
   int64_t count = 1;
   RowStatistics<float> st;
   st.sums = visit_divergence(divergence_of(a), [&](auto divergence) {
@@ -938,6 +971,47 @@ inline void round_line(S* __restrict__ line, int64_t j, int64_t hot, Acc minus, 
   if (hot >= j && hot < j + kLine) line[hot - j] = from_acc<S>(g(hot) - minus);
 }
 
+// Whether a gradient G also computes kLanes classes at once in registers (g.lanes(j)).
+template <typename G, typename = void>
+struct HasLanes : std::false_type {};
+template <typename G>
+struct HasLanes<G, std::void_t<decltype(std::declval<const G&>().lanes(int64_t{0}))>>
+    : std::true_type {};
+
+#if defined(__AVX512F__)
+// The 64-byte line of grad from class j on, as round_line computes it: for a float32 or (with
+// AVX-512 BF16) a bfloat16 gradient whose G has lanes, in registers (through round_line's array
+// on the stack, its stores and loads took a third of the gradient pass: one thread, bfloat16
+// N=2048 C=32000, 10.9 -> 7.8 ms).
+template <typename S, typename Acc, typename G>
+inline __m512i line_bits(int64_t j, int64_t hot, Acc minus, G& g) {
+  constexpr int64_t kLine = 64 / sizeof(S);
+  const bool hot_here = hot >= j && hot < j + kLine;
+  auto minus_at = [&](FloatLanes v, int64_t k) {  // v with minus taken from lane k
+    return (FloatLanes)_mm512_mask_sub_ps((__m512)v, static_cast<__mmask16>(1u << k), (__m512)v,
+                                          _mm512_set1_ps(minus));
+  };
+  if constexpr (std::is_same_v<Acc, float> && HasLanes<G>::value) {
+    if constexpr (std::is_same_v<S, float>) {
+      FloatLanes v = g.lanes(j);
+      if (hot_here) v = minus_at(v, hot - j);
+      return (__m512i)v;
+    }
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<S, BFloat16>) {
+      FloatLanes lo = g.lanes(j), hi = g.lanes(j + kLanes);
+      if (hot_here && hot < j + kLanes) lo = minus_at(lo, hot - j);
+      if (hot_here && hot >= j + kLanes) hi = minus_at(hi, hot - j - kLanes);
+      return (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo);  // as round_line
+    }
+#endif
+  }
+  alignas(64) S line[kLine];
+  round_line(line, j, hot, minus, g);
+  return _mm512_load_si512(line);
+}
+#endif
+
 // Writes grad[j] = g(j) - [j == hot] minus for j in [0, C), each rounded once to S. With
 // `stream`, whole 64-byte lines go out as streaming stores, which skip reading each line for
 // ownership first: half the gradient's memory traffic, the largest stream of a long-row call
@@ -954,13 +1028,14 @@ void write_gradient_row(S* __restrict__ grad, int64_t C, bool stream, int64_t ho
     grad[j] = from_acc<S>(j == hot ? g(j) - minus : g(j));
   for (; stream && j + kLine <= C; j += kLine) {
     next(j);
+    auto* dst = reinterpret_cast<char*>(grad + j);
+#if defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), line_bits<S>(j, hot, minus, g));
+#else
     alignas(64) S line[kLine];
     round_line(line, j, hot, minus, g);
-    auto* dst = reinterpret_cast<char*>(grad + j);
     const auto* src = reinterpret_cast<const char*>(line);
-#if defined(__AVX512F__)
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_load_si512(src));
-#elif defined(__AVX__)
+#if defined(__AVX__)
     for (int h = 0; h < 64; h += 32)
       _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + h),
                           _mm256_load_si256(reinterpret_cast<const __m256i*>(src + h)));
@@ -968,6 +1043,7 @@ void write_gradient_row(S* __restrict__ grad, int64_t C, bool stream, int64_t ho
     for (int h = 0; h < 64; h += 16)
       _mm_stream_si128(reinterpret_cast<__m128i*>(dst + h),
                        _mm_load_si128(reinterpret_cast<const __m128i*>(src + h)));
+#endif
 #endif
   }
 #endif
@@ -1001,19 +1077,35 @@ inline Acc hard_exp(const Acc* __restrict__ s, const Acc* __restrict__ u, int64_
 }
 
 // Pass 3: g_j = q_scale e_u - p_scale e_z + r_scale e_s - [j == y] ch, stored in the student's
-// dtype (hot = y for a labelled row, else -1). The lambdas of both gradient passes copy what
-// they use: captured by reference, GCC reloaded every value from the closure for each line.
+// dtype (hot = y for a labelled row, else -1); g for one class, or with float accumulation
+// kLanes of them at once (lanes). Both gradient passes' g copy what they use: captured by
+// reference, GCC reloaded every value from the closure for each line.
+template <bool kHard, int kPow, typename Acc>
+struct SoftHardGradient {
+  const Acc* __restrict__ s;
+  const Acc* __restrict__ z;
+  const Acc* __restrict__ u;
+  Acc q_scale, p_scale, r_scale;
+  template <typename V>
+  [[gnu::always_inline]] V at(int64_t j) const {
+    const V e_u = load_vector<V>(u + j);
+    V g_j = q_scale * e_u - p_scale * load_vector<V>(z + j);
+    if constexpr (kHard && kPow > 0) g_j += r_scale * power_of_temperature<kPow>(e_u);
+    if constexpr (kHard && kPow == 0) g_j += r_scale * load_vector<V>(s + j);
+    return g_j;
+  }
+  [[gnu::always_inline]] Acc operator()(int64_t j) const { return at<Acc>(j); }
+  template <typename A = Acc, typename = std::enable_if_t<std::is_same_v<A, float>>>
+  [[gnu::always_inline]] FloatLanes lanes(int64_t j) const {
+    return at<FloatLanes>(j);
+  }
+};
+
 template <bool kHard, int kPow, typename S, typename Acc>
 void grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc p_scale, Acc r_scale,
                bool stream, int64_t hot, Acc ch, const NextRow& next, S* __restrict__ grad) {
-  const Acc* __restrict__ s = b.s;
-  const Acc* __restrict__ z = b.z;
-  const Acc* __restrict__ u = b.e_u(kHard && kPow == 0);
-  auto g = [=](int64_t j) __attribute__((always_inline)) {
-    Acc g_j = q_scale * u[j] - p_scale * z[j];
-    if constexpr (kHard) g_j += r_scale * hard_exp<kPow>(s, u, j);
-    return g_j;
-  };
+  const SoftHardGradient<kHard, kPow, Acc> g{b.s, b.z, b.e_u(kHard && kPow == 0), q_scale,
+                                             p_scale, r_scale};
   write_gradient_row(grad, C, stream, hot, ch, next, g);
 }
 
@@ -1225,23 +1317,29 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
   };
   OnePassScales one_pass_scales{};
   bool read_inputs = false;
-  // One teacher of the student's dtype (mixed dtypes take pass 1: every pair of dtypes would be
-  // another hundred-odd instances of the one-pass form in each instruction set's build).
+  // One teacher or a geometric ensemble of the student's dtype (mixed dtypes take pass 1: every
+  // pair of dtypes would be another hundred-odd instances of the one-pass form in each
+  // instruction set's build).
   if constexpr (std::is_same_v<Acc, float> && std::is_same_v<S, Tt>) {
-    if (a.num_teachers == 1) {
+    if (C > kInputLogitsMaxClasses && combines_logits(a)) {
+      constexpr float kLog2e = 1.4426950408889634f;
+      s_y = role.hard ? to_float(s[label]) : 0.0f;
+      read_inputs = true;
+      // At least one member: check_args holds the weights to a sum of 1.
+      const ScaledRows<Tt, float> members = geometric_members<Tt>(a, i, inv_t);
+      const TeacherLogits<Tt> teachers{members, members.count > 1};
+      const float c = members.scales[0];  // one teacher: z = c (t - ref)
+      one_pass_scales = {inv_t * kLog2e, kLog2e, teachers.combined ? kLog2e : c * kLog2e};
+      st = role.hard ? one_pass<true>(a, keep, power, s, teachers, one_pass_scales, b, next)
+                     : one_pass<false>(a, keep, power, s, teachers, one_pass_scales, b, next);
+      const RowStretch& last = b.stretches[st.stretches];  // the row's maxima
+      st.m_s = last.r_s;  // soft_terms' z: rounding is monotonic, c > 0
+      st.m_z = teachers.combined ? last.r_t : c * (last.r_t - members.refs[0]);
+    } else if (a.num_teachers == 1) {
       const Tt* t = static_cast<const Tt*>(a.teachers[0]) + i * a.teacher_row_strides[0];
       s_y = role.hard ? to_float(s[label]) : 0.0f;
       read_inputs = true;
-      if (C > kInputLogitsMaxClasses) {
-        constexpr float kLog2e = 1.4426950408889634f;
-        const float c = static_cast<float>(a.teacher_weights[0]) * inv_t;  // z = c t
-        one_pass_scales = {inv_t * kLog2e, kLog2e, c * kLog2e};
-        st = role.hard ? one_pass<true>(a, keep, power, s, t, one_pass_scales, b, next)
-                       : one_pass<false>(a, keep, power, s, t, one_pass_scales, b, next);
-        const RowStretch& last = b.stretches[st.stretches];  // the row's maxima
-        st.m_s = last.r_s;  // soft_terms' z is c (t - ref): rounding is monotonic, c > 0
-        st.m_z = c * (last.r_t - row_reference<float>(t));
-      } else if constexpr (!std::is_same_v<S, Half>) {
+      if constexpr (!std::is_same_v<S, Half>) {
         // float32 and bfloat16 rows (half is widened per element without AVX-512: not twice).
         const float ref = row_reference<float>(t);
         const float c = static_cast<float>(a.teacher_weights[0]) * inv_t;

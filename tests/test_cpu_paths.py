@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import kdkernels as kd
+from kdkernels.reference import kd_loss_reference
+from kdkernels.testing import rel_error, tolerance
 
 
 @pytest.mark.parametrize("c", [1, 10, 16, 17, 1000, 1024, 1025])
@@ -91,3 +93,26 @@ def test_a_call_from_inside_a_callers_parallel_region_runs_every_row(tmp_path):
     assert results
     for value in results.values():
         torch.testing.assert_close(value, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [4.0, 3.3])
+def test_streamed_gradient_matches_the_reference(dtype, temperature):
+    """A gradient of 16 MB or more goes out with streaming stores, a 64-byte line at a time,
+    computed in registers (line_bits) where the hard term's exp(s) is a power of the one at T
+    (T = 4) and where it is read back from its buffer (T = 3.3); labels in the first and last
+    lines of a row, at a line's last class, and in each half of a bfloat16 line."""
+    n, c = 66, 65536 if dtype == torch.float32 else 131072  # 17 MB of gradient either way
+    gen = torch.Generator().manual_seed(int(temperature * 10))
+    s = (torch.randn(n, c, generator=gen) * 2).to(dtype).requires_grad_(True)
+    t = (torch.randn(n, c, generator=gen) * 2).to(dtype)
+    y = torch.randint(0, c, (n,), generator=gen)
+    y[:6] = torch.tensor([0, 15, 16, 31, c - 1, -100])
+    loss = kd.distillation_loss(s, t, y, temperature=temperature, backend="cpu")
+    (grad,) = torch.autograd.grad(loss, s)
+    r = s.detach().double().requires_grad_(True)
+    ref = kd_loss_reference(r, [t.double()], y, temperature=temperature)
+    (ref_grad,) = torch.autograd.grad(ref, r)
+    assert rel_error(loss, ref) < tolerance(dtype)
+    floor = 2 * rel_error(ref_grad.to(dtype), ref_grad)  # the gradient's own rounding to dtype
+    assert rel_error(grad, ref_grad) < max(tolerance(dtype), floor)
