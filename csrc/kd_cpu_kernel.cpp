@@ -654,15 +654,15 @@ RowSums<Acc> exp_pass(const KDArgs& a, bool keep, int power, const Logits& in,
 // ensemble's members combined in registers) and takes the row's maxima as it goes, with no
 // pass 1 before it and no logits buffered. Its offsets are taken from references r that only
 // need r <= max (so that no term overflows and the largest does not underflow) and every offset
-// at most kRebaseAbove (8, in log2 units) above r: the first vector's maxima, moved up to the
-// maxima so far when a block of the row exceeds them (then the block runs again from the sums
-// before it, multiplied by 2^-(the move), as the online softmax rescales; Milakov and
-// Gimelshein 2018), which random or model logits do at most a few times a row. Each stretch of
-// the row between moves (a RowStretch) keeps its references, and the gradient pass scales its
-// stored exponentials by its own factors. N=2048 C=32000 M=1 forward+backward, two threads,
-// against pass 1 and the exponential pass (bench/compare_builds.py, nine alternations): float32
-// 0.80-0.89 of the time, bfloat16 0.94-0.96 (its widening loads cost the pass what pass 1 cost:
-// both are bound by the vector operations issued, about 36 a vector of 16 either way).
+// at most kRebaseAbove (8, in log2 units; with fused offsets 1/4 more, Offsets) above r: the
+// first vector's maxima, moved up to the maxima so far when a block of the row exceeds them
+// (then the block runs again from the sums before it, multiplied by 2^-(the move), as the
+// online softmax rescales; Milakov and Gimelshein 2018), which random or model logits do at
+// most a few times a row. Each stretch of the row between moves (a RowStretch) keeps its
+// references, and the gradient pass scales its stored exponentials by its own factors. N=2048
+// C=32000 forward+backward, two threads, against pass 1 and the exponential pass
+// (bench/compare_builds.py): M=1 float32 0.80-0.89 of the time, bfloat16 0.94-0.96 (its
+// widening loads then cost the pass what pass 1 cost); M=4 float32 0.84-0.87.
 constexpr float kRebaseAbove = 8.0f;
 
 // A stretch of the row from class `start` on whose stored exponentials were taken from these
@@ -678,13 +678,18 @@ struct RowStretch {
 // c's rounding, a constant of the stretch, is carried exactly in the origins its sums are moved
 // from (a form that left it out, the offsets off by up to half an ulp of r a, put that error in
 // l_u: with one class taking nearly all of q the reverse KL's gradient q_j (a_j - A), a
-// cancellation, was off by 1e-5 of the row's gradient instead of 1e-8). Without AVX-512
-// (x - r) a, c = r a exactly: without a fused multiply-add fl(x a) rounds at the size of x a.
+// cancellation, was off by 1e-5 of the row's gradient instead of 1e-8). That rounding also
+// shifts every offset of the stretch, by at most 1/4 while |c| < 2^22 (kFusedBelow); a row
+// whose references go beyond (logits of millions: one_pass_exp gives it up) takes the two-pass
+// form. The other instruction sets keep (x - r) a, c = r a exactly (the adder-pipe argument
+// was measured with Zen 4's AVX-512 only).
 #if defined(__AVX512F__)
 constexpr bool kFusedOffsets = true;
 #else
 constexpr bool kFusedOffsets = false;
 #endif
+constexpr float kFusedBelow = 4194304.0f;  // 2^22
+constexpr float kFarReference = 1.329228e36f;  // 2^120: first_reference's, in log2 units
 
 struct Offsets {
   float r, a, c;
@@ -700,6 +705,10 @@ struct Offsets {
   static double origin(float r, float a) {
     return kFusedOffsets ? double(r * a) : double(r) * a;
   }
+  // Whether offsets from r at the scales up to a shift by at most 1/4 (always without fused
+  // offsets): |c| < kFusedBelow, or r is far_reference(a), which only -inf logits and blocks
+  // run again see.
+  static bool fit(float r, float a);
 };
 
 // Where a stretch's offsets start, in log2 units: the student at T and at 1, the teacher.
@@ -743,9 +752,13 @@ inline bool any_above(FloatLanes x, float limit) {
 // The reference of a row whose first vector has maximum m at the largest of the scales a: m,
 // or where that is -inf (every logit so far -inf or NaN), one so far below any finite logit
 // (2^120 in log2 units) that the first finite one moves it, while -inf still gives -inf.
+inline float far_reference(float a) { return -kFarReference / std::max(a, 1.0f); }
 inline float first_reference(float m, float a) {
-  constexpr float kFar = -1.329228e36f;  // -2^120
-  return m > -std::numeric_limits<float>::infinity() ? m : kFar / std::max(a, 1.0f);
+  return m > -std::numeric_limits<float>::infinity() ? m : far_reference(a);
+}
+
+inline bool Offsets::fit(float r, float a) {
+  return !kFusedOffsets || std::fabs(r * a) < kFusedBelow || r == far_reference(a);
 }
 
 struct OnePassLanes {
@@ -777,7 +790,8 @@ OnePassLanes moved(OnePassLanes l, const Origins& from, const Origins& to) {
 // the row's maxima, so the closing formula and soft_terms see what the two-pass form computes.
 // b.stretches[0] holds the first references on entry; on return b.stretches[0, count) hold each
 // stretch and b.stretches[count] the row's maxima, the references of the sums returned (where a
-// row's logits are all -inf, the last stretch's). kHard, kKeep, kPow as in exp_pass.
+// row's logits are all -inf, the last stretch's); count = 0: the row's references are too far
+// from 0 for fused offsets (Offsets::fit), nothing returned. kHard, kKeep, kPow as in exp_pass.
 constexpr int64_t kCheckEvery = 512;
 
 // The teacher side of the one-pass form: one teacher's logits t as they are (its scale c is in
@@ -795,13 +809,19 @@ struct TeacherLogits {
     for (int m = 1; m < rows.count; ++m) z += rows.scales[m] * (load(rows.rows[m]) - rows.refs[m]);
     return z;
   }
-  // Classes [j, j + kLanes), or the n < kLanes from j on and -inf beyond (every c_m > 0).
+  // Classes [j, j + kLanes), or the n < kLanes from j on and -inf beyond (set again after the
+  // sum: a c_m that underflowed to 0 makes its padding NaN).
   [[gnu::always_inline]] FloatLanes at(int64_t j) const {
     return combine([j](const Tt* row) { return load_lanes(row + j); });
   }
   [[gnu::always_inline]] FloatLanes at(int64_t j, int64_t n) const {
     constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
-    return combine([j, n](const Tt* row) { return load_partial_lanes(row + j, n, kMinusInf); });
+    const FloatLanes z =
+        combine([j, n](const Tt* row) { return load_partial_lanes(row + j, n, kMinusInf); });
+    alignas(64) float lanes[kLanes];
+    store_vector(lanes, z);
+    for (int64_t k = n; k < kLanes; ++k) lanes[k] = kMinusInf;
+    return load_vector<FloatLanes>(lanes);
   }
 };
 
@@ -846,11 +866,18 @@ template <bool kHard, bool kKeep, typename Div, int kPow, typename Ts, typename 
   auto block = [&](int64_t j0, int64_t j1) __attribute__((always_inline)) {
     int64_t j = j0;
     for (; j + kLanes <= j1; j += kLanes) {
-      if (j % prefetch_every == 0) next(j);
+      if ((j & (prefetch_every - 1)) == 0) next(j);  // a power of two: no division
       step(j, load_lanes(s + j), t.at(j));
     }
     if (j < j1) step(j, load_partial_lanes(s + j, j1 - j, kMinusInf), t.at(j, j1 - j));
   };
+  // References whose fused offsets would shift by more than 1/4: the row takes the two-pass form.
+  const float a_max_s = std::max(a_u, a_s);
+  auto fit = [&](const RowStretch& st) {
+    return Offsets::fit(st.r_s, a_max_s) && Offsets::fit(st.r_t, a_z);
+  };
+  count = 0;
+  if (!fit(here)) return {};
   count = 1;
   for (int64_t j0 = 0; j0 < C; j0 += kCheckEvery) {
     const int64_t j1 = std::min(C, j0 + kCheckEvery);
@@ -862,6 +889,10 @@ template <bool kHard, bool kKeep, typename Div, int kPow, typename Ts, typename 
       RowStretch now{j0, here.r_s, here.r_t};
       if (student_above) now.r_s = lanes_max(top_s);
       if (teacher_above) now.r_t = lanes_max(top_t);
+      if (!fit(now)) {
+        count = 0;
+        return {};
+      }
       l = moved<kHard, Div, kPow>(before, a.of(here), a.of(now));
       if (here.start == j0) {
         stretches[count - 1] = now;
@@ -1333,8 +1364,10 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
       st = role.hard ? one_pass<true>(a, keep, power, s, teachers, one_pass_scales, b, next)
                      : one_pass<false>(a, keep, power, s, teachers, one_pass_scales, b, next);
       const RowStretch& last = b.stretches[st.stretches];  // the row's maxima
-      st.m_s = last.r_s;  // soft_terms' z: rounding is monotonic, c > 0
+      st.m_s = last.r_s;
+      // soft_terms' z: the ensemble's as combined, or c (t - ref) (rounding is monotonic, c > 0)
       st.m_z = teachers.combined ? last.r_t : c * (last.r_t - members.refs[0]);
+      read_inputs = st.stretches > 0;  // else references too far for the one pass: two passes
     } else if (a.num_teachers == 1) {
       const Tt* t = static_cast<const Tt*>(a.teachers[0]) + i * a.teacher_row_strides[0];
       s_y = role.hard ? to_float(s[label]) : 0.0f;

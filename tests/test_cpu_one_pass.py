@@ -170,3 +170,35 @@ def test_one_pass_geometric_ensembles_match_the_reference(dtype, soft_loss, temp
         grad, ref_grad = student.grad[row], ref_student.grad[row]
         floor = 2 * rel_error(ref_grad.to(dtype), ref_grad)
         assert rel_error(grad, ref_grad) < max(4 * tol, floor), row
+
+
+@pytest.mark.parametrize("temperature", [1.0, 8.0, 3.3])
+def test_one_pass_logits_of_billions(temperature):
+    """Logits so large that the fused offsets' origin, fl(r a), is off from r a by more than the
+    offsets' range (from a review: NaN): such rows take the two-pass form."""
+    gen = torch.Generator().manual_seed(7)
+    for base, step in ((3e9, 256.0), (1e12, 131072.0)):
+        s = base + step * torch.randint(0, 3, (2, 2048), generator=gen).float()
+        t = base + step * torch.randint(0, 3, (2, 2048), generator=gen).float()
+        y = torch.tensor([7, 2000])
+        out = kd.distillation_loss(
+            s, t, y, temperature=temperature, reduction="none", backend="cpu"
+        )
+        ref = kd_loss_reference(
+            s.double(), [t.double()], y, temperature=temperature, reduction="none"
+        )
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("c", [1025, 2050, 2048])
+def test_one_pass_ensemble_member_scale_underflows(c):
+    """A member whose weight / T underflows to 0 in float32 (from a review: its -inf padding of
+    the last partial vector times 0 was NaN)."""
+    gen = torch.Generator().manual_seed(5)
+    s, t1, t2 = (torch.randn(3, c, generator=gen) for _ in range(3))
+    y = torch.tensor([3, c - 1, 17])
+    for weights in ([1.0, 1e-46], [1.0, 1e-300]):
+        kwargs = dict(temperature=2.0, teacher_weights=weights, reduction="none")
+        out = kd.distillation_loss(s, [t1, t2], y, backend="cpu", **kwargs)
+        ref = kd_loss_reference(s.double(), [t1.double(), t2.double()], y, **kwargs)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-9)
