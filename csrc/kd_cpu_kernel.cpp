@@ -5,8 +5,8 @@
 // a geometric ensemble has no pass 1: one_pass_exp below takes the maxima in pass 2); pass 2
 // computes the exponentials per element (teacher, student at T, and student at 1 unless it is a
 // power of the one at T) and the sums; pass 3 writes the gradient from the buffered exponentials
-// (and that power). The buffers are C floats each (padded to whole vectors) and stay in cache, so the only
-// [N, C] memory touched is the inputs and the gradient.
+// (and that power). The buffers are C floats each (padded to whole vectors) and stay in cache,
+// so the only [N, C] memory touched is the inputs and the gradient.
 //
 // This file is compiled once per instruction set (baseline, AVX2, AVX-512, AVX-512 with BF16 on
 // x86-64), each into its own namespace kd::<isa>; kd_cpu.cpp picks one at run time.
@@ -705,8 +705,8 @@ struct Offsets {
   static double origin(float r, float a) {
     return kFusedOffsets ? double(r * a) : double(r) * a;
   }
-  // Whether offsets from r at the scales up to a shift by at most 1/4 (always without fused
-  // offsets): |c| < kFusedBelow, or r is far_reference(a), which only -inf logits and blocks
+  // Whether the offsets from r at scales up to a shift by at most 1/4 (always without fused
+  // offsets): |r a| < kFusedBelow, or r is far_reference(a), which only -inf logits and blocks
   // run again see.
   static bool fit(float r, float a);
 };
@@ -806,7 +806,8 @@ struct TeacherLogits {
   [[gnu::always_inline]] FloatLanes combine(Load&& load) const {
     if (!combined) return load(rows.rows[0]);
     FloatLanes z = rows.scales[0] * (load(rows.rows[0]) - rows.refs[0]);
-    for (int m = 1; m < rows.count; ++m) z += rows.scales[m] * (load(rows.rows[m]) - rows.refs[m]);
+    for (int m = 1; m < rows.count; ++m)
+      z += rows.scales[m] * (load(rows.rows[m]) - rows.refs[m]);
     return z;
   }
   // Classes [j, j + kLanes), or the n < kLanes from j on and -inf beyond (set again after the
@@ -925,9 +926,10 @@ struct RowStatistics {
   int64_t stretches = 0;       // the one-pass form's stretches in RowBuffers; 0: none
 };
 
-// Row i in the one-pass form (float accumulation, C >= kLanes): its exponential
-// pass and statistics; its stretches are left in b.stretches. Out of line: its forty
-// instances inlined into kd_row made the short rows (which never take it) slower.
+// Row i in the one-pass form (float accumulation, C >= kLanes): its exponential pass and
+// statistics; its stretches are left in b.stretches (none: the row needs the two-pass form).
+// Out of line: its forty instances inlined into kd_row made the short rows (which never take
+// it) slower.
 template <bool kHard, typename Ts, typename Tt>
 [[gnu::noinline]] RowStatistics<float> one_pass(const KDArgs& a, bool keep, int power,
                                                 const Ts* s, const TeacherLogits<Tt>& t,
@@ -1012,8 +1014,8 @@ struct HasLanes<G, std::void_t<decltype(std::declval<const G&>().lanes(int64_t{0
 #if defined(__AVX512F__)
 // The 64-byte line of grad from class j on, as round_line computes it: for a float32 or (with
 // AVX-512 BF16) a bfloat16 gradient whose G has lanes, in registers (through round_line's array
-// on the stack, its stores and loads took a third of the gradient pass: one thread, bfloat16
-// N=2048 C=32000, 10.9 -> 7.8 ms).
+// on the stack, its stores and loads took a fifth of the gradient pass: one thread, rows in
+// cache, bfloat16 N=2048 C=32000, 10.9 -> 8.9 ms).
 template <typename S, typename Acc, typename G>
 inline __m512i line_bits(int64_t j, int64_t hot, Acc minus, G& g) {
   constexpr int64_t kLine = 64 / sizeof(S);
@@ -1355,7 +1357,6 @@ void kd_row(const KDArgs& a, int64_t i, const TermScales& scales, const RowBuffe
     if (C > kInputLogitsMaxClasses && combines_logits(a)) {
       constexpr float kLog2e = 1.4426950408889634f;
       s_y = role.hard ? to_float(s[label]) : 0.0f;
-      read_inputs = true;
       // At least one member: check_args holds the weights to a sum of 1.
       const ScaledRows<Tt, float> members = geometric_members<Tt>(a, i, inv_t);
       const TeacherLogits<Tt> teachers{members, members.count > 1};
