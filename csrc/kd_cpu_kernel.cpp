@@ -1098,14 +1098,15 @@ inline void fence_streaming_stores() {
 #endif
 }
 
-// The hard term's exp(ds) at class j for the gradient pass: what the exponential pass stored,
-// or for T = kPow the same power of exp(ds / T) again.
-template <int kPow, typename Acc>
-inline Acc hard_exp(const Acc* __restrict__ s, const Acc* __restrict__ u, int64_t j) {
+// The hard term's exp(ds) at class j (V = Acc), or at the kLanes classes from j on (V =
+// FloatLanes), for the gradient pass: what the exponential pass stored, or for T = kPow the same
+// power of exp(ds / T) again.
+template <int kPow, typename V, typename Acc>
+inline V hard_exp(const Acc* __restrict__ s, const Acc* __restrict__ u, int64_t j) {
   if constexpr (kPow > 0) {
-    return power_of_temperature<kPow>(u[j]);
+    return power_of_temperature<kPow>(load_vector<V>(u + j));
   } else {
-    return s[j];
+    return load_vector<V>(s + j);
   }
 }
 
@@ -1121,10 +1122,8 @@ struct SoftHardGradient {
   Acc q_scale, p_scale, r_scale;
   template <typename V>
   [[gnu::always_inline]] V at(int64_t j) const {
-    const V e_u = load_vector<V>(u + j);
-    V g_j = q_scale * e_u - p_scale * load_vector<V>(z + j);
-    if constexpr (kHard && kPow > 0) g_j += r_scale * power_of_temperature<kPow>(e_u);
-    if constexpr (kHard && kPow == 0) g_j += r_scale * load_vector<V>(s + j);
+    V g_j = q_scale * load_vector<V>(u + j) - p_scale * load_vector<V>(z + j);
+    if constexpr (kHard) g_j += r_scale * hard_exp<kPow, V>(s, u, j);
     return g_j;
   }
   [[gnu::always_inline]] Acc operator()(int64_t j) const { return at<Acc>(j); }
@@ -1155,7 +1154,7 @@ void row_sum_grad_pass(const RowBuffers<Acc>& b, int64_t C, Acc q_scale, Acc row
   const Acc* __restrict__ u = b.e_u(hard && kPow == 0);
   auto g = [=](int64_t j) __attribute__((always_inline)) {
     Acc g_j = weighted_or_zero(q_scale * u[j], Div::a_of(d[j], beta) - row_sum);
-    if (r_scale != Acc(0)) g_j += r_scale * hard_exp<kPow>(s, u, j);
+    if (r_scale != Acc(0)) g_j += r_scale * hard_exp<kPow, Acc>(s, u, j);
     return g_j;
   };
   write_gradient_row(grad, C, stream, hot, ch, next, g);
