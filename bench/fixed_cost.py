@@ -1,8 +1,9 @@
 """The fixed cost of one call at N=1, C=10 (CPU, float32): forward+backward with M = 1..5
 teachers (one tensor for M=1, a list otherwise), the forward under torch.no_grad(), and the
 floors measured beside them: PyTorch's own (`.backward()` of a leaf, an autograd.Function that
-does nothing) and the CPU kernel alone in an autograd.Function (no checks, no options, no
-backend choice: what a call would cost with everything but the kernel and autograd gone).
+does nothing) and the CPU kernel alone in an autograd.Function, called as the fast path
+(kdkernels/_eager_cpu.py) calls it but on arguments prepared once (no checks, no options: what a
+call would cost with everything but the kernel and autograd gone).
 Medians over interleaved blocks of calls, in microseconds.
 
     python bench/fixed_cost.py
@@ -17,7 +18,8 @@ import time
 import torch
 
 import kdkernels as kd
-from kdkernels._fused import OpOptions, run_cpu_kernel
+from kdkernels._eager_cpu import _kernel_dtypes, _kernel_options, _run_kernel
+from kdkernels._extension import load_extension
 from kdkernels._validate import Options
 
 
@@ -31,24 +33,19 @@ class _Nothing(torch.autograd.Function):
         return torch.zeros(1, 10)
 
 
-_OPTIONS = OpOptions(*Options().values, True)  # the default loss options, built once
-
-
 class _KernelOnly(torch.autograd.Function):
-    """The kernel on options built once, its loss summed by the kernel, the gradient saved and
-    handed back as it is (a floor: correct only for the grad_loss of 1.0 this script passes)."""
+    """The fast path's kernel call on arguments prepared once, the gradient handed back as it
+    is (a floor: correct only for the grad_loss of 1.0 this script passes)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels):
-        loss, ctx.gradient = run_cpu_kernel(
-            student, [teacher], labels, None, [1.0], *_OPTIONS, sum_rows=True
-        )
+    def forward(ctx, student, arguments):
+        loss, ctx.gradient = _run_kernel(student, arguments)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # 1.0 here (.backward() of the loss): the gradient as saved
         grad, ctx.gradient = ctx.gradient, None
-        return grad, None, None
+        return grad, None
 
 
 def main() -> None:
@@ -78,9 +75,13 @@ def main() -> None:
         student.grad = None
         _Nothing.apply(student).backward()
 
+    ext = load_extension()[0]
+    prepared = (ext.run_cpu, _kernel_options(ext, Options(), 1), _kernel_dtypes()[torch.float32])
+    prepared += ([teachers[1].data_ptr()], [10], labels.data_ptr())
+
     def kernel_only() -> None:
         student.grad = None
-        _KernelOnly.apply(student, teachers[1], labels).backward()
+        _KernelOnly.apply(student, prepared).backward()
 
     calls = {f"M={m} fwd+bwd": (lambda m=m: step(m)) for m in teachers}
     calls |= {"M=1 forward, no_grad": no_grad, "torch: sum().backward()": leaf_backward}

@@ -6,7 +6,7 @@ and the eager fast path that skips torch.library's Python dispatch when nothing 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -155,16 +155,14 @@ class _EagerFused(torch.autograd.Function):
 
     # forward takes ctx (no separate setup_context): apply() then skips binding the arguments
     # with inspect.signature, which alone costs tens of microseconds. Everything but the student
-    # comes as one tuple (kernel, reduce, the op's other arguments): apply() inspects each
-    # argument it is given. The gradient is kept, not returned as the op returns it: one output
-    # less to wrap (about 3 us a call).
+    # comes as one tuple (run, arguments), run(student, arguments) returning the loss and the
+    # gradient: apply() inspects each argument it is given. The gradient is kept, not returned
+    # as the op returns it: one output less to wrap (about 3 us a call).
     @staticmethod
     def forward(ctx, student, call):
-        # reduce: the CPU kernel sums the rows itself (one tensor and one op less); the others
-        # return the rows.
-        kernel, reduce, other_arguments = call
-        loss, ctx.gradient = kernel(student, *other_arguments, sum_rows=reduce)
-        return _summed(loss, reduce)
+        run, arguments = call
+        loss, ctx.gradient = run(student, arguments)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -189,10 +187,20 @@ _eager_fused_apply = super(torch.autograd.Function, _EagerFused).apply
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
-def apply_eager_fused(student: Tensor, call: tuple) -> Tensor:
-    """_EagerFused.apply(student, call) for a call that _plain_eager (or the same checks)
-    passed: no functorch transform, nothing tracing."""
-    return _eager_fused_apply(_unwrap_if_dead(student), call)
+def apply_eager_fused(student: Tensor, run: Callable, arguments: tuple) -> Tensor:
+    """The loss of run(student, arguments) -> (loss, gradient of its sum or of the 0-dim loss)
+    with _EagerFused's backward, for a call that _plain_eager (or the same checks) passed: no
+    functorch transform, nothing tracing."""
+    return _eager_fused_apply(_unwrap_if_dead(student), (run, arguments))
+
+
+def _reduced_kernel(student: Tensor, call: tuple) -> tuple[Tensor, Tensor]:
+    """A fused op's kernel as apply_eager_fused runs it: call is (kernel, reduce, the op's
+    other arguments); with reduce ("mean"/"sum") the rows' sum (the CPU kernel sums them itself:
+    one tensor and one op less), else the rows."""
+    kernel, reduce, other_arguments = call
+    loss, gradient = kernel(student, *other_arguments, sum_rows=reduce)
+    return _summed(loss, reduce), gradient
 
 
 def _gradient_again(grad: Tensor | None, grad_loss: Tensor) -> Tensor:
@@ -223,7 +231,7 @@ def run_fused(op, kernel, problem: Problem, student: Tensor, teachers: list[Tens
     # compute_grad: the autograd node. So under forward-mode AD: the node raises for a dual
     # student (no jvp), where the kernel alone would silently drop the tangent.
     if plain and (args[-1] or torch.autograd.forward_ad._current_level >= 0):
-        loss = apply_eager_fused(student, (kernel, reduce, args[1:]))
+        loss = apply_eager_fused(student, _reduced_kernel, (kernel, reduce, args[1:]))
     else:  # traced, or nothing to differentiate (no_grad, a student without requires_grad)
         loss, _ = kernel(*args, sum_rows=reduce) if plain else op(*args)
         loss = _summed(loss, reduce)

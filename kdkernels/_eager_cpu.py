@@ -14,15 +14,17 @@ from torch import Tensor
 from ._autograd import apply_eager_fused
 from ._backends import MAX_TEACHERS, missing
 from ._extension import load_extension
-from ._fused import run_cpu_kernel
+from ._fused import SCALARS, kernel_options
+from ._gradient_buffers import MIN_BYTES, new_gradient
 from ._validate import Options
 
-_KERNEL_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
 _is_compiling = torch.compiler.is_compiling
 _function_mode = torch._C._is_torch_function_mode_enabled
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_level = torch._C._functorch.peek_interpreter_stack
 _forward_ad = torch.autograd.forward_ad
+_empty_like = torch.empty_like
+_num_threads = torch.get_num_threads
 
 
 def eager_cpu_loss(
@@ -35,7 +37,6 @@ def eager_cpu_loss(
         or type(student) is not Tensor
         or not student.is_cpu
         or student.dim() != 2
-        or student.dtype not in _KERNEL_DTYPES
         or not student.is_contiguous()
         or options.reduction == "none"
         or _function_mode()
@@ -45,9 +46,11 @@ def eager_cpu_loss(
         or missing("cpu") is not None
     ):
         return None
-    shape, dtype = student.shape, student.dtype
+    dtype = student.dtype
+    kernel_dtype = _kernel_dtypes().get(dtype)
+    shape = student.shape
     n, c = shape
-    if c == 0:
+    if kernel_dtype is None or c == 0:
         return None
     if type(teacher_logits) is Tensor:
         teachers = [teacher_logits]
@@ -65,6 +68,7 @@ def eager_cpu_loss(
             and t.shape == shape
         ):
             return None
+    ext = load_extension()[0]
     if labels is not None and not (
         type(labels) is Tensor
         and labels.dtype == torch.int64
@@ -73,17 +77,75 @@ def eager_cpu_loss(
         and labels.is_contiguous()
         and labels.shape[0] == n
         # else ignore_index, unlabeled_index, or an error to word
-        and (n == 0 or load_extension()[0].labels_in_range(labels.data_ptr(), n, c))
+        and (n == 0 or ext.labels_in_range(labels.data_ptr(), n, c))
     ):
         return None
     m = len(teachers)
-    weights = _UNIFORM[m] if m < len(_UNIFORM) else (1.0 / m,) * m
-    compute_grad = student.requires_grad and torch.is_grad_enabled()
-    arguments = (teachers, labels, None, weights, *options.values, compute_grad)
-    if compute_grad:
-        return apply_eager_fused(student, (run_cpu_kernel, True, arguments))
-    return run_cpu_kernel(student, *arguments, sum_rows=True)[0]
+    pointers = [teachers[0].data_ptr()] if m == 1 else [t.data_ptr() for t in teachers]
+    # Every tensor here is contiguous [N, C]: row stride C (is_contiguous ignores the stride of
+    # a dimension of size 1, and a kernel never steps one).
+    arguments = (
+        ext.run_cpu,
+        _kernel_options(ext, options, m),
+        kernel_dtype,
+        pointers,
+        [c] * m,
+        0 if labels is None else labels.data_ptr(),
+    )
+    if student.requires_grad and torch.is_grad_enabled():
+        return apply_eager_fused(student, _run_kernel, arguments)
+    return _run_kernel(student, arguments, compute_grad=False)[0]
 
 
-# The teacher weights of M = 1..8 teachers, at index M.
-_UNIFORM = [(), *((1.0 / m,) * m for m in range(1, 9))]
+def _run_kernel(
+    student: Tensor, arguments: tuple, compute_grad: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """The CPU kernel on what eager_cpu_loss prepared: the rows' summed loss (0-dim) and, with
+    compute_grad, the gradient of it [N, C] (else None)."""
+    run_cpu, options, (dtype_code, loss_template), teachers, strides, labels = arguments
+    n, c = student.shape
+    loss = _empty_like(loss_template)  # no shape or dtype to parse
+    grad = None
+    if compute_grad:  # a small one from the allocator; a large one maybe kept from a last call
+        grad = _empty_like(student) if student.nbytes < MIN_BYTES else new_gradient(student)
+    grad_pointer = 0 if grad is None else grad.data_ptr()
+    student_pointer = student.data_ptr()
+    # make_args' first 14 arguments (kdkernels/_fused.py CALL_ARGUMENT_NAMES), positionally.
+    run_cpu(
+        options, student_pointer, c, dtype_code, teachers, strides, dtype_code, labels, 0,
+        n, c, loss.data_ptr(), True, grad_pointer, _num_threads(),
+    )  # fmt: skip
+    return loss, grad
+
+
+def _kernel_options(ext, options: Options, num_teachers: int):
+    """The extension's kernel_options object for these options and uniform teacher weights,
+    made once (a dict lookup: the lru_cache of the general path hashes every option again)."""
+    key = (options.values, num_teachers)
+    found = _KERNEL_OPTIONS.get(key)
+    if found is None:
+        weights = (1.0 / num_teachers,) * num_teachers
+        found = kernel_options(ext, (*options.values, True), weights)
+        if len(_KERNEL_OPTIONS) < 1024:  # as many as options_from_values remembers
+            _KERNEL_OPTIONS[key] = found
+    return found
+
+
+_KERNEL_OPTIONS: dict[tuple, object] = {}
+
+
+def _kernel_dtypes() -> dict[torch.dtype, tuple[int, Tensor]]:
+    """The dtypes the CPU kernel takes (the extension loaded): each one's code and a 0-dim
+    CPU tensor of its loss's dtype (float64 for float64, else float32) for the loss to copy."""
+    global _KERNEL_DTYPES
+    if _KERNEL_DTYPES is None:
+        codes = load_extension()[0].DTYPE_CODES
+        dtypes = {getattr(torch, name): code for name, code in codes.items()}
+        _KERNEL_DTYPES = {
+            dtype: (code, SCALARS[torch.float64 if dtype == torch.float64 else torch.float32])
+            for dtype, code in dtypes.items()
+        }
+    return _KERNEL_DTYPES
+
+
+_KERNEL_DTYPES: dict[torch.dtype, tuple[int, Tensor]] | None = None

@@ -168,7 +168,7 @@ def _option_arguments(ext, options: tuple, weights: tuple[float, ...]) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def _kernel_options(ext, options: tuple, weights: tuple[float, ...]):
+def kernel_options(ext, options: tuple, weights: tuple[float, ...]):
     """The extension's kernel_options object for these options: converted to C++ once, not on
     every call (a small batch's step passed 11 option values to run_cpu: about 0.5 us)."""
     return ext.kernel_options(*_option_arguments(ext, options, weights))
@@ -176,7 +176,7 @@ def _kernel_options(ext, options: tuple, weights: tuple[float, ...]):
 
 # The CPU kernel's summed loss is a copy of one of these (explicitly on the CPU: torch.empty
 # follows torch.set_default_device, empty_like its template).
-_SCALARS = {t: torch.empty((), dtype=t, device="cpu") for t in (torch.float32, torch.float64)}
+SCALARS = {t: torch.empty((), dtype=t, device="cpu") for t in (torch.float32, torch.float64)}
 
 
 def call_arguments(
@@ -196,7 +196,7 @@ def call_arguments(
     n, c = student.shape
     dtype = loss_dtype(student)
     if sum_rows:  # the CPU kernel's one value: a copy of a 0-dim CPU tensor's shape and dtype
-        row_loss = torch.empty_like(_SCALARS[dtype])  # (no shape or dtype to parse: 0.4 us less)
+        row_loss = torch.empty_like(SCALARS[dtype])  # (no shape or dtype to parse: 0.4 us less)
     elif student.dtype == dtype:  # new_empty's dtype keyword alone costs microseconds
         row_loss = student.new_empty((n,))
     else:
@@ -261,7 +261,7 @@ def run_cpu_kernel(
     arguments, row_loss, grad = call_arguments(
         ext, student, teachers, labels, num_items, options[-1], sum_rows
     )
-    ext.run_cpu(_kernel_options(ext, options, tuple(weights)), *arguments)
+    ext.run_cpu(kernel_options(ext, options, tuple(weights)), *arguments)
     return row_loss, grad
 
 

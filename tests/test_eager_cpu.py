@@ -8,6 +8,7 @@ import torch
 
 import kdkernels as kd
 from kdkernels import _eager_cpu, loss
+from kdkernels._gradient_buffers import MIN_BYTES
 from kdkernels._validate import validate_options
 from kdkernels.testing import sample_inputs
 
@@ -36,11 +37,8 @@ def _expected_to_take(sample, student, labels) -> bool:
     )
 
 
-@pytest.mark.parametrize("sample", SAMPLES, ids=[s.name for s in SAMPLES])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_fast_path_matches_the_general_path(sample, dtype, monkeypatch):
-    student, teachers, labels = _plain_inputs(sample, dtype)
-    kwargs = sample.kwargs
+def _fast_and_general(student, teachers, labels, monkeypatch, **kwargs):
+    """(loss, gradient) by the fast path (where it takes the call) and by the general path."""
 
     def loss_and_grad():
         student.grad = None
@@ -48,14 +46,58 @@ def test_the_fast_path_matches_the_general_path(sample, dtype, monkeypatch):
         value.sum().backward()
         return value, student.grad
 
+    fast = loss_and_grad()
+    with monkeypatch.context() as patch:
+        patch.setattr(loss, "eager_cpu_loss", lambda *args: None)
+        general = loss_and_grad()
+    return fast, general
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=[s.name for s in SAMPLES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fast_path_matches_the_general_path(sample, dtype, monkeypatch):
+    student, teachers, labels = _plain_inputs(sample, dtype)
+    kwargs = sample.kwargs
     options = validate_options(**{k: v for k, v in kwargs.items() if k in OPTION_KEYS})
     with torch.no_grad():
         taken = _eager_cpu.eager_cpu_loss(student, teachers, labels, options) is not None
     assert taken == _expected_to_take(sample, student, labels)
-    fast, fast_grad = loss_and_grad()
-    monkeypatch.setattr(loss, "eager_cpu_loss", lambda *args: None)
-    general, general_grad = loss_and_grad()
+    (fast, fast_grad), (general, general_grad) = _fast_and_general(
+        student, teachers, labels, monkeypatch, **kwargs
+    )
     assert torch.equal(fast, general)
+    assert torch.equal(fast_grad, general_grad)
+
+
+def _odd_inputs():
+    """Inputs the samples do not reach: each kernel dtype's loss dtype, rows whose stride is not
+    C (a [1, C] tensor is contiguous whatever its first stride), a gradient large enough to
+    come from the kept buffers (twice, so the second reuses the first's storage)."""
+    c, y = 7, torch.tensor([3])
+    for dtype in (torch.float64, torch.float16):
+        yield torch.randn(5, c, dtype=dtype), [torch.randn(5, c, dtype=dtype)] * 2, None
+    yield torch.randn(c, 1).t(), torch.randn(1, c).as_strided((1, c), (5, 1)), y
+    big = (64, (MIN_BYTES // 4) // 64)
+    yield torch.randn(big), torch.randn(big), torch.randint(0, big[1], (64,))
+    yield torch.randn(big), torch.randn(big), torch.randint(0, big[1], (64,))
+
+
+@pytest.mark.parametrize("inputs", list(_odd_inputs()), ids=["f64", "f16", "1xC", "big", "big"])
+def test_the_fast_path_matches_the_general_path_on_odd_inputs(inputs, monkeypatch):
+    student, teachers, labels = inputs
+    assert student.is_contiguous()
+    student.requires_grad_(True)
+    with torch.no_grad():
+        taken = _eager_cpu.eager_cpu_loss(
+            student, teachers, labels, validate_options(temperature=2.0)
+        )
+    assert taken is not None
+    (fast, fast_grad), (general, general_grad) = _fast_and_general(
+        student, teachers, labels, monkeypatch, temperature=2.0
+    )
+    assert fast.dtype == (torch.float64 if student.dtype == torch.float64 else torch.float32)
+    assert fast.dim() == 0 and fast_grad.dtype == student.dtype
+    assert torch.equal(fast, general) and torch.equal(taken, fast.detach())
     assert torch.equal(fast_grad, general_grad)
 
 
