@@ -36,7 +36,7 @@ def eager_cpu_loss(
         _is_compiling()  # first: Dynamo traces no further
         or type(student) is not Tensor
         or not student.is_cpu
-        or student.dim() != 2
+        or len(shape := student.shape) != 2
         or not student.is_contiguous()
         or options.reduction == "none"
         or _function_mode()
@@ -48,7 +48,6 @@ def eager_cpu_loss(
         return None
     dtype = student.dtype
     kernel_dtype = _kernel_dtypes().get(dtype)
-    shape = student.shape
     n, c = shape
     if kernel_dtype is None or c == 0:
         return None
@@ -69,17 +68,20 @@ def eager_cpu_loss(
         ):
             return None
     ext = load_extension()[0]
-    if labels is not None and not (
-        type(labels) is Tensor
-        and labels.dtype == torch.int64
-        and labels.is_cpu
-        and labels.dim() == 1
-        and labels.is_contiguous()
-        and labels.shape[0] == n
-        # else ignore_index, unlabeled_index, or an error to word
-        and (n == 0 or ext.labels_in_range(labels.data_ptr(), n, c))
-    ):
-        return None
+    labels_pointer = 0
+    if labels is not None:
+        if not (
+            type(labels) is Tensor
+            and labels.dtype == torch.int64
+            and labels.is_cpu
+            and labels.dim() == 1
+            and labels.is_contiguous()
+            and labels.shape[0] == n
+        ):
+            return None
+        labels_pointer = labels.data_ptr()
+        if n > 0 and not ext.labels_in_range(labels_pointer, n, c):
+            return None  # ignore_index, unlabeled_index, or an error to word
     m = len(teachers)
     pointers = [teachers[0].data_ptr()] if m == 1 else [t.data_ptr() for t in teachers]
     # Every tensor here is contiguous [N, C]: row stride C (is_contiguous ignores the stride of
@@ -90,7 +92,7 @@ def eager_cpu_loss(
         kernel_dtype,
         pointers,
         [c] * m,
-        0 if labels is None else labels.data_ptr(),
+        labels_pointer,
     )
     if student.requires_grad and torch.is_grad_enabled():
         return apply_eager_fused(student, _run_kernel, arguments)
