@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from kdkernels.bench import GRIDS, providers, reference_loss
-from kdkernels.bench.measure import training_step
+from kdkernels.bench import GRIDS, Case, providers, reference_loss, run
+from kdkernels.bench.measure import interleaved_median_times, training_step
 
 CASES = GRIDS[os.environ.get("KDKERNELS_BENCH_GRID", "quick")]
 DEVICE = os.environ.get("KDKERNELS_BENCH_DEVICE", "cpu")
@@ -57,3 +58,33 @@ def test_script_runs(script):
     )
     assert done.returncode == 0, done.stderr
     assert " ms " in done.stdout or " us" in done.stdout
+
+
+def test_run_measures_every_provider_of_a_case():
+    """`kdkernels bench`'s run: a row per provider in the providers' order, each loss the
+    reference's, the ratios taken within the case."""
+    case = Case(8, 10, m=2, as_list=True)
+    rows = run([case], DEVICE, repeats=1, progress=False)
+    assert [r.provider for r in rows] == list(providers(DEVICE, case))
+    eager = next(r for r in rows if r.provider == "eager")
+    for row in rows:
+        assert row.ms > 0 and row.floor_ms > 0 and not row.note
+        assert math.isclose(row.loss, row.reference, rel_tol=1e-4), row
+        assert math.isclose(row.speedup_vs_eager, eager.ms / row.ms)
+
+
+def test_providers_are_timed_in_turns():
+    """After warming each up, one sample of each provider per round, `repeats` rounds."""
+    log: list[str] = []
+
+    def step(name: str):
+        def once() -> torch.Tensor:
+            log.append(name)
+            return torch.zeros(())
+
+        return once
+
+    times = interleaved_median_times({"a": step("a"), "b": step("b")}, "cpu", repeats=3)
+    assert set(times) == {"a", "b"} and all(t > 0 for t, _ in times.values())
+    turns = [name for i, name in enumerate(log) if i == 0 or log[i - 1] != name]
+    assert turns == ["a", "b"] * 4  # the warm-ups, then three rounds

@@ -1,8 +1,9 @@
 """Microbenchmarks: cases and providers defined once, used by `kdkernels bench` and bench/.
 
 Every figure is measured side by side in one run: the median time of forward+backward (or
-forward only) per provider, the time to stream the minimal bytes at the copy bandwidth measured
-in the same run, and optionally each provider's peak memory in a fresh process.
+forward only) per provider, the providers of a case timed in turns, the time to stream the
+minimal bytes at the copy bandwidth measured in the same run, and optionally each provider's
+peak memory in a fresh process.
 
     cases.py    the cases (shape, dtype, teachers, divergence), the grids and the providers
     measure.py  timing, the streaming floor, peak memory, `run`

@@ -34,10 +34,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def training_step(fn, case: Case, device: str = "cpu") -> tuple[Callable[[], Tensor], Tensor]:
-    """(step, student): one call of provider `fn` on the case's inputs (made once), forward
-    and, when case.backward, backward, returning the loss; the student it differentiates."""
-    student, teachers, labels = case.inputs(device)
+def training_step(
+    fn, case: Case, device: str = "cpu", inputs: tuple | None = None
+) -> tuple[Callable[[], Tensor], Tensor]:
+    """(step, student): one call of provider `fn` on the case's inputs (made once, or the
+    (student, teachers, labels) given, which providers can share: each step clears the
+    student's gradient first), forward and, when case.backward, backward, returning the loss;
+    the student it differentiates."""
+    student, teachers, labels = case.inputs(device) if inputs is None else inputs
     student.requires_grad_(case.backward)
 
     def once() -> Tensor:
@@ -50,39 +54,63 @@ def training_step(fn, case: Case, device: str = "cpu") -> tuple[Callable[[], Ten
     return once, student
 
 
-def time_provider(fn, case: Case, device: str = "cpu", repeats: int = 5):
-    """Median seconds of one call (forward, and backward when case.backward), and the loss."""
-    once, _ = training_step(fn, case, device)
-    # What the previous provider left for the garbage collector (torch.compile leaves a lot)
-    # is collected now, not during this provider's timing: the first case's kdkernels row
-    # took 64 us at N=1 C=10 right after compiling, 43 us a case later.
-    gc.collect()
-    return median_time(once, device, repeats)
-
-
-def median_time(once: Callable[[], Tensor], device: str, repeats: int, warmup: int = 3):
-    """Median seconds of `once()` (which returns the loss), and the loss. Warm-up: `warmup`
-    calls, and more until 50 ms have passed (a small batch's first calls pay for cold caches
-    and lazy initialisation; a long row's first few calls, for faulting in and settling fresh
-    memory: N=2048 C=32000 M=4 took 424, 86, 76, 72, then 62-65 ms). Each sample then times
-    enough back-to-back calls to last about a millisecond (one call of a small batch, tens of
-    microseconds, is mostly timer noise)."""
+def calls_per_sample(once: Callable[[], Tensor], device: str, warmup: int = 3) -> int:
+    """Warm `once` up and say how many back-to-back calls a timed sample makes. Warm-up:
+    `warmup` calls, and more until 50 ms have passed (a small batch's first calls pay for cold
+    caches and lazy initialisation; a long row's first few calls, for faulting in and settling
+    fresh memory: N=2048 C=32000 M=4 took 424, 86, 76, 72, then 62-65 ms). A sample then lasts
+    about a millisecond (one call of a small batch, tens of microseconds, is mostly timer
+    noise)."""
     calls, start = 0, time.perf_counter()
     while calls < warmup or (time.perf_counter() - start < 0.05 and calls < 10_000):
-        loss = once()
+        once()
         _sync(device)
         calls += 1
     per_call = (time.perf_counter() - start) / calls
-    calls = max(1, min(1000, int(1e-3 / per_call)))
-    times = []
+    return max(1, min(1000, int(1e-3 / per_call)))
+
+
+def time_calls(once: Callable[[], Tensor], device: str, calls: int) -> tuple[float, Tensor]:
+    """Seconds per call of `calls` back-to-back calls of `once()`, and the last loss."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        loss = once()
+    _sync(device)
+    return (time.perf_counter() - start) / calls, loss
+
+
+def median_time(once: Callable[[], Tensor], device: str, repeats: int, warmup: int = 3):
+    """Median seconds of `once()` (which returns the loss) over `repeats` samples, and the
+    loss."""
+    calls = calls_per_sample(once, device, warmup)
+    samples = [time_calls(once, device, calls) for _ in range(repeats)]
+    return statistics.median(s for s, _ in samples), float(samples[-1][1].detach())
+
+
+def interleaved_median_times(
+    steps: dict[str, Callable[[], Tensor]], device: str, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """{name: (median seconds of one call, loss)} for several providers' steps, their samples
+    taken in turns (one of each provider per round, `repeats` rounds) so that a slow spell of
+    the machine falls on a sample of each rather than on all of one provider's: timed one
+    provider after another, a spell as long as one provider's samples moved its median alone
+    (N=256 C=10 M=5, kdkernels 122 us in one run against 55-59 us in two others, its eager
+    and torch.compile times unchanged)."""
+    calls = {name: calls_per_sample(once, device) for name, once in steps.items()}
+    # What warming up left for the garbage collector (torch.compile leaves a lot) is collected
+    # now, not during a sample: the first case's kdkernels row took 64 us at N=1 C=10 right
+    # after compiling, 43 us a case later.
+    gc.collect()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    losses: dict[str, Tensor] = {}
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            loss = once()
-        _sync(device)
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times), float(loss.detach())
+        for name, once in steps.items():
+            seconds, losses[name] = time_calls(once, device, calls[name])
+            samples[name].append(seconds)
+    return {
+        name: (statistics.median(samples[name]), float(losses[name].detach())) for name in steps
+    }
 
 
 def copy_bandwidth(case: Case, device: str = "cpu", repeats: int = 10) -> float:
@@ -170,6 +198,39 @@ def _cuda_free_bytes() -> int:
     return torch.cuda.mem_get_info()[0]
 
 
+def _measure_case(
+    case: Case, fns: dict[str, Callable], device: str, repeats: int, memory: bool
+) -> dict[str, Row]:
+    """The rows of the providers `fns` on one case: their times taken in turns on one copy of
+    the inputs, the streaming floor and the float64 reference, peak memory if asked (on CUDA
+    always: one more call each, after the timing)."""
+    if not fns:
+        return {}
+    # A fresh, static compilation per case, as a training run with fixed shapes gets:
+    # without the reset, dynamo's recompile limit (8) silently falls back to eager.
+    torch._dynamo.reset()
+    _compiled.clear()
+    floor = case.minimal_bytes() / copy_bandwidth(case, device)
+    small = case.n * case.c * (1 + case.m) <= 2**29  # the float64 reference fits
+    reference = reference_loss(case) if small else float("nan")
+    inputs = case.inputs(device)  # one copy, shared: each step clears the gradient first
+    steps = {name: training_step(fn, case, device, inputs)[0] for name, fn in fns.items()}
+    rows = {}
+    for name, (seconds, loss) in interleaved_median_times(steps, device, repeats).items():
+        row = Row(case.name, name, seconds * 1e3, loss, reference)
+        row.gbps = case.minimal_bytes() / seconds / 1e9
+        row.floor_ms = floor * 1e3
+        row.times_floor = seconds / floor
+        if memory and device == "cpu":
+            row.peak_mb = peak_memory_mb(name, case)
+        elif device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            steps[name]()
+            row.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        rows[name] = row
+    return rows
+
+
 def run(
     cases: list[Case],
     device: str = "cpu",
@@ -177,9 +238,9 @@ def run(
     memory: bool = False,
     progress: bool = True,
 ) -> list[Row]:
-    """Time every provider on every case; ratios are within one case, measured back to back.
-    A provider whose estimated working set would not fit in this machine's memory is skipped,
-    with a note saying so."""
+    """Time every provider on every case; ratios are within one case, its providers timed in
+    turns (interleaved_median_times). A provider whose estimated working set would not fit in
+    this machine's memory is skipped, with a note saying so."""
     try:
         from tqdm import tqdm
     except ImportError:  # the bench extra brings tqdm; without it, no progress bar
@@ -188,36 +249,22 @@ def run(
             return it
 
     rows: list[Row] = []
-    steps = [(case, name) for case in cases for name in providers(device, case)]
-    bar = tqdm(steps, desc="kdkernels bench", disable=not progress, leave=False)
-    floors: dict[Case, float] = {}
-    refs: dict[Case, float] = {}
     free = available_bytes() if device == "cpu" else _cuda_free_bytes()
-    for case, name in bar:
-        need = estimated_bytes(case, name)
-        if need > 0.6 * free:
-            note = f"skipped: needs about {need / 2**30:.0f} GiB"
-            rows.append(Row(case.name, name, float("nan"), float("nan"), float("nan"), note=note))
-            continue
-        if case not in floors:
-            # A fresh, static compilation per case, as a training run with fixed shapes gets:
-            # without the reset, dynamo's recompile limit (8) silently falls back to eager.
-            torch._dynamo.reset()
-            _compiled.clear()
-            floors[case] = case.minimal_bytes() / copy_bandwidth(case, device)
-            small = case.n * case.c * (1 + case.m) <= 2**29  # the float64 reference fits
-            refs[case] = reference_loss(case) if small else float("nan")
-        seconds, loss = time_provider(providers(device, case)[name], case, device, repeats)
-        row = Row(case.name, name, seconds * 1e3, loss, refs[case])
-        row.gbps = case.minimal_bytes() / seconds / 1e9
-        row.floor_ms = floors[case] * 1e3
-        row.times_floor = seconds / floors[case]
-        if memory and device == "cpu":
-            row.peak_mb = peak_memory_mb(name, case)
-        elif device == "cuda":
-            row.peak_mb = torch.cuda.max_memory_allocated() / 2**20
-            torch.cuda.reset_peak_memory_stats()
-        rows.append(row)
+    for case in tqdm(cases, desc="kdkernels bench", disable=not progress, leave=False):
+        names = providers(device, case)
+        skipped = {}
+        for name in names:
+            need = estimated_bytes(case, name)
+            if need > 0.6 * free:
+                skipped[name] = f"skipped: needs about {need / 2**30:.0f} GiB"
+        fits = {n: f for n, f in names.items() if n not in skipped}
+        measured = _measure_case(case, fits, device, repeats, memory)
+        for name in names:
+            if name in skipped:
+                nan = float("nan")
+                rows.append(Row(case.name, name, nan, nan, nan, note=skipped[name]))
+            else:
+                rows.append(measured[name])
     for row in rows:
         same = {r.provider: r.ms for r in rows if r.case == row.case}
         row.speedup_vs_eager = same.get("eager", float("nan")) / row.ms
