@@ -34,14 +34,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def training_step(
-    fn, case: Case, device: str = "cpu", inputs: tuple | None = None
-) -> tuple[Callable[[], Tensor], Tensor]:
-    """(step, student): one call of provider `fn` on the case's inputs (made once, or the
-    (student, teachers, labels) given, which providers can share: each step clears the
-    student's gradient first), forward and, when case.backward, backward, returning the loss;
-    the student it differentiates."""
-    student, teachers, labels = case.inputs(device) if inputs is None else inputs
+def training_step(fn, case: Case, device: str = "cpu") -> tuple[Callable[[], Tensor], Tensor]:
+    """(step, student): one call of provider `fn` on the case's inputs (made once), forward
+    and, when case.backward, backward, returning the loss; the student it differentiates."""
+    student, teachers, labels = case.inputs(device)
     student.requires_grad_(case.backward)
 
     def once() -> Tensor:
@@ -201,8 +197,8 @@ def _cuda_free_bytes() -> int:
 def _measure_case(
     case: Case, fns: dict[str, Callable], device: str, repeats: int, memory: bool
 ) -> dict[str, Row]:
-    """The rows of the providers `fns` on one case: their times taken in turns on one copy of
-    the inputs, the streaming floor and the float64 reference, peak memory if asked (on CUDA
+    """The rows of the providers `fns` on one case: their times taken in turns, the streaming
+    floor and the float64 reference, peak memory if asked (on CUDA
     always: one more call each, after the timing)."""
     if not fns:
         return {}
@@ -213,8 +209,9 @@ def _measure_case(
     floor = case.minimal_bytes() / copy_bandwidth(case, device)
     small = case.n * case.c * (1 + case.m) <= 2**29  # the float64 reference fits
     reference = reference_loss(case) if small else float("nan")
-    inputs = case.inputs(device)  # one copy, shared: each step clears the gradient first
-    steps = {name: training_step(fn, case, device, inputs)[0] for name, fn in fns.items()}
+    # Each provider its own inputs: a step frees its own last gradient (a large one is returned
+    # to the operating system, which costs what a fast kernel does), not another provider's.
+    steps = {name: training_step(fn, case, device)[0] for name, fn in fns.items()}
     rows = {}
     for name, (seconds, loss) in interleaved_median_times(steps, device, repeats).items():
         row = Row(case.name, name, seconds * 1e3, loss, reference)
@@ -252,11 +249,13 @@ def run(
     free = available_bytes() if device == "cpu" else _cuda_free_bytes()
     for case in tqdm(cases, desc="kdkernels bench", disable=not progress, leave=False):
         names = providers(device, case)
-        skipped = {}
-        for name in names:
+        skipped, held = {}, 0
+        for name in names:  # timed in turns: the providers' working sets add up
             need = estimated_bytes(case, name)
-            if need > 0.6 * free:
+            if held + need > 0.6 * free:
                 skipped[name] = f"skipped: needs about {need / 2**30:.0f} GiB"
+            else:
+                held += need
         fits = {n: f for n, f in names.items() if n not in skipped}
         measured = _measure_case(case, fits, device, repeats, memory)
         for name in names:
