@@ -74,7 +74,8 @@ def test_run_measures_every_provider_of_a_case():
 
 
 def test_providers_are_timed_in_turns():
-    """After warming each up, one sample of each provider per round, `repeats` rounds."""
+    """After warming each up, one sample of each provider per round (an untimed call, then the
+    timed ones), `repeats` rounds."""
     log: list[str] = []
 
     def step(name: str):

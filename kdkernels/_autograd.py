@@ -147,11 +147,12 @@ def _summed(loss: Tensor, reduce: bool) -> Tensor:
 
 
 class _EagerFused(torch.autograd.Function):
-    """A fused op's kernel with the op's autograd, minus torch.library's Python dispatch
+    """A fused kernel with the fused ops' autograd, minus torch.library's Python dispatch
     (argument defaults, pytree flattening: about 300 us a call, which is what a small
-    classification batch costs in all) and the op's input checks (validation made them), and
-    with a mean/sum reduction done inside (one autograd node less). Used only in plain eager
-    mode; anything else goes through the registered op."""
+    classification batch costs in all) and the op's input checks (validation, or the CPU fast
+    path's own, made them), and with a mean/sum reduction done inside (one autograd node less):
+    run_fused's kernel through _reduced_kernel, or the CPU fast path's _run_kernel. Used only
+    in plain eager mode; anything else goes through the registered op."""
 
     # forward takes ctx (no separate setup_context): apply() then skips binding the arguments
     # with inspect.signature, which alone costs tens of microseconds. Everything but the student

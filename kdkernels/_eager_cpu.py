@@ -14,7 +14,7 @@ from torch import Tensor
 from ._autograd import apply_eager_fused
 from ._backends import MAX_TEACHERS, missing
 from ._extension import load_extension
-from ._fused import SCALARS, kernel_options
+from ._fused import SCALARS, dtype_codes, kernel_options
 from ._gradient_buffers import MIN_BYTES, new_gradient
 from ._validate import Options
 
@@ -122,7 +122,8 @@ def _run_kernel(
 
 def _kernel_options(ext, options: Options, num_teachers: int):
     """The extension's kernel_options object for these options and uniform teacher weights,
-    made once (a dict lookup: the lru_cache of the general path hashes every option again)."""
+    made once (a dict lookup on the options' values: the general path's lru_cache builds a
+    longer key from the options, the weights and the extension on every call)."""
     key = (options.values, num_teachers)
     found = _KERNEL_OPTIONS.get(key)
     if found is None:
@@ -141,11 +142,9 @@ def _kernel_dtypes() -> dict[torch.dtype, tuple[int, Tensor]]:
     CPU tensor of its loss's dtype (float64 for float64, else float32) for the loss to copy."""
     global _KERNEL_DTYPES
     if _KERNEL_DTYPES is None:
-        codes = load_extension()[0].DTYPE_CODES
-        dtypes = {getattr(torch, name): code for name, code in codes.items()}
         _KERNEL_DTYPES = {
             dtype: (code, SCALARS[torch.float64 if dtype == torch.float64 else torch.float32])
-            for dtype, code in dtypes.items()
+            for dtype, code in dtype_codes(load_extension()[0]).items()
         }
     return _KERNEL_DTYPES
 

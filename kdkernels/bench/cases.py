@@ -129,9 +129,18 @@ _WORKING_SET = {"eager": 8.0, "compile": 6.0}
 
 
 def estimated_bytes(case: Case, provider: str) -> int:
-    size = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
-    inputs = case.n * case.c * size * (1 + case.m)
+    """Bytes one call of `provider` needs at its peak: its inputs and its working set."""
+    inputs = case.n * case.c * _element_size(case) * (1 + case.m)
     return int(inputs + case.n * case.c * 4 * _WORKING_SET.get(provider, 1.0))
+
+
+def resident_bytes(case: Case) -> int:
+    """Bytes a provider holds between its calls: its inputs and its last gradient."""
+    return case.n * case.c * _element_size(case) * (2 + case.m)
+
+
+def _element_size(case: Case) -> int:
+    return torch.empty((), dtype=DTYPES[case.dtype]).element_size()
 
 
 def _eager_divergence(log_q: Tensor, log_p: Tensor, soft_loss: str) -> Tensor:

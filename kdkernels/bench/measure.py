@@ -18,7 +18,15 @@ from torch import Tensor
 
 import kdkernels
 
-from .cases import DTYPES, Case, _compiled, estimated_bytes, providers, reference_loss
+from .cases import (
+    DTYPES,
+    Case,
+    _compiled,
+    estimated_bytes,
+    providers,
+    reference_loss,
+    resident_bytes,
+)
 
 
 def available_bytes() -> int:
@@ -88,11 +96,11 @@ def interleaved_median_times(
     steps: dict[str, Callable[[], Tensor]], device: str, repeats: int
 ) -> dict[str, tuple[float, float]]:
     """{name: (median seconds of one call, loss)} for several providers' steps, their samples
-    taken in turns (one of each provider per round, `repeats` rounds) so that a slow spell of
-    the machine falls on a sample of each rather than on all of one provider's: timed one
-    provider after another, a spell as long as one provider's samples moved its median alone
-    (N=256 C=10 M=5, kdkernels 122 us in one run against 55-59 us in two others, its eager
-    and torch.compile times unchanged)."""
+    taken in turns (one of each provider per round, `repeats` rounds, each after an untimed
+    call) so that a slow spell of the machine falls on a sample of each rather than on all of
+    one provider's: timed one provider after another, a spell as long as one provider's
+    samples moved its median alone (N=256 C=10 M=5, kdkernels 122 us in one run against 55-59
+    us in two others, its eager and torch.compile times unchanged)."""
     calls = {name: calls_per_sample(once, device) for name, once in steps.items()}
     # What warming up left for the garbage collector (torch.compile leaves a lot) is collected
     # now, not during a sample: the first case's kdkernels row took 64 us at N=1 C=10 right
@@ -102,6 +110,10 @@ def interleaved_median_times(
     losses: dict[str, Tensor] = {}
     for _ in range(repeats):
         for name, once in steps.items():
+            # One call first, untimed: a sample starts from the provider's own state, as its
+            # calls back to back would, not from what the previous provider left (a long row's
+            # kdkernels call took 27-40 ms after an eager call, 26-30 ms after its own).
+            once()
             seconds, losses[name] = time_calls(once, device, calls[name])
             samples[name].append(seconds)
     return {
@@ -198,8 +210,8 @@ def _measure_case(
     case: Case, fns: dict[str, Callable], device: str, repeats: int, memory: bool
 ) -> dict[str, Row]:
     """The rows of the providers `fns` on one case: their times taken in turns, the streaming
-    floor and the float64 reference, peak memory if asked (on CUDA
-    always: one more call each, after the timing)."""
+    floor and the float64 reference, and each call's peak memory above the inputs if asked (on
+    CUDA always: one more call each, after the timing)."""
     if not fns:
         return {}
     # A fresh, static compilation per case, as a training run with fixed shapes gets:
@@ -211,20 +223,26 @@ def _measure_case(
     reference = reference_loss(case) if small else float("nan")
     # Each provider its own inputs: a step frees its own last gradient (a large one is returned
     # to the operating system, which costs what a fast kernel does), not another provider's.
-    steps = {name: training_step(fn, case, device)[0] for name, fn in fns.items()}
+    steps = {name: training_step(fn, case, device) for name, fn in fns.items()}
+    timed = interleaved_median_times({n: step for n, (step, _) in steps.items()}, device, repeats)
     rows = {}
-    for name, (seconds, loss) in interleaved_median_times(steps, device, repeats).items():
+    for name, (seconds, loss) in timed.items():
         row = Row(case.name, name, seconds * 1e3, loss, reference)
         row.gbps = case.minimal_bytes() / seconds / 1e9
         row.floor_ms = floor * 1e3
         row.times_floor = seconds / floor
-        if memory and device == "cpu":
-            row.peak_mb = peak_memory_mb(name, case)
-        elif device == "cuda":
+        if device == "cuda":  # one more call: its peak above what the process held before it
+            step, student = steps[name]
+            student.grad = None
             torch.cuda.reset_peak_memory_stats()
-            steps[name]()
-            row.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            base = torch.cuda.memory_allocated()
+            step()
+            row.peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
         rows[name] = row
+    del steps  # the fresh processes of peak_memory_mb find this one's memory free
+    if memory and device == "cpu":
+        for row in rows.values():
+            row.peak_mb = peak_memory_mb(row.provider, case)
     return rows
 
 
@@ -249,13 +267,16 @@ def run(
     free = available_bytes() if device == "cpu" else _cuda_free_bytes()
     for case in tqdm(cases, desc="kdkernels bench", disable=not progress, leave=False):
         names = providers(device, case)
+        # Timed in turns, each provider holds its inputs and gradient while the others run.
+        # kdkernels first: its rows are what the bench is for.
         skipped, held = {}, 0
-        for name in names:  # timed in turns: the providers' working sets add up
+        for name in sorted(names, key=lambda name: not name.startswith("kdkernels")):
             need = estimated_bytes(case, name)
             if held + need > 0.6 * free:
-                skipped[name] = f"skipped: needs about {need / 2**30:.0f} GiB"
+                gib = need / 2**30
+                skipped[name] = f"skipped: needs about {gib:.0f} GiB beside the others' inputs"
             else:
-                held += need
+                held += resident_bytes(case)
         fits = {n: f for n, f in names.items() if n not in skipped}
         measured = _measure_case(case, fits, device, repeats, memory)
         for name in names:
