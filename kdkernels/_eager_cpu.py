@@ -8,6 +8,8 @@ returns None and goes the general way, which also words every error.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -137,16 +139,12 @@ def _kernel_options(ext, options: Options, num_teachers: int):
 _KERNEL_OPTIONS: dict[tuple, object] = {}
 
 
+@functools.cache
 def _kernel_dtypes() -> dict[torch.dtype, tuple[int, Tensor]]:
-    """The dtypes the CPU kernel takes (the extension loaded): each one's code and a 0-dim
-    CPU tensor of its loss's dtype (float64 for float64, else float32) for the loss to copy."""
-    global _KERNEL_DTYPES
-    if _KERNEL_DTYPES is None:
-        _KERNEL_DTYPES = {
-            dtype: (code, SCALARS[torch.float64 if dtype == torch.float64 else torch.float32])
-            for dtype, code in dtype_codes(load_extension()[0]).items()
-        }
-    return _KERNEL_DTYPES
-
-
-_KERNEL_DTYPES: dict[torch.dtype, tuple[int, Tensor]] | None = None
+    """The dtypes the CPU kernel takes (called once the extension is loaded): each one's code
+    and a 0-dim CPU tensor of its loss's dtype (float64 for float64, else float32) for the loss
+    to copy."""
+    return {
+        dtype: (code, SCALARS[torch.float64 if dtype == torch.float64 else torch.float32])
+        for dtype, code in dtype_codes(load_extension()[0]).items()
+    }
